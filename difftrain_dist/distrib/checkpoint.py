@@ -1,0 +1,185 @@
+"""The checkpoint contract: per-rank manifests, validation, resume selection and retention.
+
+Layout (see DESIGN.md)::
+
+    {storage_path}/{run_name}/checkpoint_{step:09d}/
+        latest, step_{step:09d}/...      DeepSpeed files, frozen base weights excluded
+        rank_{r}.json                    one per rank: step, cursor, RNG states, sha256 of its files
+        lora.safetensors                 the adapter at that step (written by rank 0)
+
+A checkpoint is valid only if rank_0.json .. rank_{W-1}.json are all present, agree with each other
+and with the run's recipe hash, and every file they list has the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9})$")
+RANK_FILE = re.compile(r"^rank_(\d+)\.json$")
+LORA_FILE = "lora.safetensors"
+MANIFEST_VERSION = 1
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint at optimizer step `step`."""
+    return f"checkpoint_{step:09d}"
+
+
+def deepspeed_tag(step: int) -> str:
+    """The DeepSpeed tag (sub-folder) used for the checkpoint at `step`."""
+    return f"step_{step:09d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_rank_manifest(local_dir: Path, global_rank: int, state: dict[str, Any]) -> Path:
+    """Write `rank_{global_rank}.json` into `local_dir`, listing the sha256 of every other file there.
+
+    Call it last, after this rank has written all its files into `local_dir`.
+    """
+    files = {
+        p.relative_to(local_dir).as_posix(): sha256_file(p)
+        for p in sorted(local_dir.rglob("*"))
+        if p.is_file() and not RANK_FILE.match(p.name)
+    }
+    manifest = {"version": MANIFEST_VERSION, "global_rank": global_rank, **state, "files": files}
+    path = local_dir / f"rank_{global_rank}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class CheckpointInfo:
+    """What `inspect_checkpoint` found: validity (with the reason when invalid) and a summary."""
+
+    path: Path
+    step: int
+    valid: bool
+    reason: str = ""
+    world_size: int | None = None
+    size_bytes: int = 0
+    loss: float | None = None
+    manifests: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary without the manifests."""
+        out = asdict(self)
+        out.pop("manifests")
+        out["path"] = str(self.path)
+        return out
+
+
+def _read_manifests(path: Path) -> tuple[list[dict[str, Any]], str]:
+    manifests = {}
+    for p in path.iterdir():
+        if m := RANK_FILE.match(p.name):
+            try:
+                manifests[int(m.group(1))] = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                return [], f"{p.name} is unreadable ({err.__class__.__name__})"
+    if not manifests:
+        return [], "no rank_*.json manifest (save did not finish)"
+    world_size = manifests[min(manifests)].get("world_size")
+    if not isinstance(world_size, int) or world_size < 1:
+        return [], "manifest has no valid world_size"
+    missing = [r for r in range(world_size) if r not in manifests]
+    if missing:
+        return [], f"missing rank_{missing[0]}.json of world size {world_size} (save did not finish)"
+    return [manifests[r] for r in range(world_size)], ""
+
+
+def _check_manifests(path: Path, step: int, manifests: list[dict[str, Any]], recipe_hash: str | None) -> str:
+    for rank, manifest in enumerate(manifests):
+        if manifest.get("step") != step:
+            return f"rank_{rank}.json records step {manifest.get('step')}, folder says {step}"
+        if manifest.get("world_size") != len(manifests):
+            return f"rank_{rank}.json disagrees on world size"
+        if recipe_hash is not None and manifest.get("recipe_hash") != recipe_hash:
+            return "recipe hash differs from this run's recipe (model, LoRA, seed or data changed)"
+        for rel, digest in manifest.get("files", {}).items():
+            file = path / rel
+            if not file.is_file():
+                return f"{rel} listed by rank {rank} is missing"
+            if sha256_file(file) != digest:
+                return f"{rel} is corrupt (sha256 mismatch)"
+    if not (path / LORA_FILE).is_file():
+        return f"{LORA_FILE} is missing"
+    return ""
+
+
+def inspect_checkpoint(path: Path, recipe_hash: str | None = None) -> CheckpointInfo:
+    """Validate one checkpoint folder.
+
+    Args:
+        path: a `checkpoint_{step:09d}` folder.
+        recipe_hash: when given, manifests must carry this recipe hash.
+
+    Raises:
+        ValueError: `path` is not named like a checkpoint folder.
+    """
+    path = Path(path)
+    match = CHECKPOINT_DIR.match(path.name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint folder (expected checkpoint_<9-digit step>)")
+    step = int(match.group(1))
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    manifests, reason = _read_manifests(path)
+    if not reason:
+        reason = _check_manifests(path, step, manifests, recipe_hash)
+    info = CheckpointInfo(path=path, step=step, valid=not reason, reason=reason, size_bytes=size)
+    if manifests:
+        info.world_size = len(manifests)
+        info.loss = manifests[0].get("loss")
+        info.manifests = manifests if info.valid else []
+    return info
+
+
+def list_checkpoints(run_dir: Path, recipe_hash: str | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint folder of a run, oldest first, each validated."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    folders = sorted(p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name))
+    return [inspect_checkpoint(p, recipe_hash) for p in folders]
+
+
+def find_resume_checkpoint(
+    run_dir: Path, recipe_hash: str | None = None
+) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
+    """The newest valid checkpoint of a run and the newer ones skipped (each with its reason)."""
+    skipped = []
+    for info in reversed(list_checkpoints(run_dir, recipe_hash)):
+        if info.valid:
+            return info, skipped
+        skipped.append(info)
+    return None, skipped
+
+
+def apply_retention(run_dir: Path, keep_last: int | None, recipe_hash: str | None = None) -> list[Path]:
+    """Delete valid checkpoints older than the `keep_last` newest valid ones; returns what was removed.
+
+    Invalid folders are left for inspection; the newest valid checkpoint is never removed.
+    """
+    if keep_last is None:
+        return []
+    valid = [c for c in list_checkpoints(run_dir, recipe_hash) if c.valid]
+    doomed = valid[: max(0, len(valid) - max(1, keep_last))]
+    for info in doomed:
+        shutil.rmtree(info.path, ignore_errors=True)
+    return [c.path for c in doomed]

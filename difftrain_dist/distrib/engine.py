@@ -1,0 +1,68 @@
+"""DeepSpeed engine setup for a LoRA-injected denoiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from difftrain_dist.config import Recipe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed config dict for a recipe.
+
+    On GPU with a half-precision base model the frozen weights stay in that dtype, the LoRA weights
+    in fp32, and DeepSpeed's own ``torch_autocast`` runs the forward pass in half precision: an
+    outer ``torch.autocast`` would be switched off inside the engine's ``forward``.
+    """
+    train, dist = recipe.train, recipe.distributed
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": recipe.data.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "zero_optimization": {"stage": dist.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if train.max_grad_norm is not None:
+        config["gradient_clipping"] = train.max_grad_norm
+    if dist.use_gpu and recipe.model.dtype != "float32":
+        config["torch_autocast"] = {"enabled": True, "dtype": recipe.model.dtype}
+    return config
+
+
+def lr_lambda(warmup_steps: int):
+    """Linear warm-up from 1/warmup to 1 over `warmup_steps` optimizer steps, then constant."""
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
+    """Wrap the LoRA-injected denoiser in a DeepSpeed engine with AdamW on its trainable parameters.
+
+    The torch process group must already exist (Ray Train or torchrun/srun set it up).
+
+    Returns:
+        (engine, optimizer, lr_scheduler) as returned by ``deepspeed.initialize``.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if recipe.distributed.use_gpu else "gloo")
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=recipe.train.lr, betas=recipe.train.betas, weight_decay=recipe.train.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train.lr_warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=denoiser,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(recipe),
+    )
+    return engine, optimizer, scheduler

@@ -1,0 +1,110 @@
+"""Consolidation: DeepSpeed checkpoint shards → one safetensors LoRA file diffusers and ComfyUI load."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftrain_dist.distrib.checkpoint import LORA_FILE, deepspeed_tag, inspect_checkpoint
+from difftrain_dist.models import (
+    get_adapter,
+    lora_config_dict,
+    lora_state_dict,
+    save_lora_file,
+    strip_adapter_name,
+    training_metadata,
+)
+
+FORMATS = ("diffusers", "kohya")
+
+
+def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step: int) -> dict[str, str]:
+    """Training metadata (`ss_*`, `modelspec.*`) for the header of a LoRA file."""
+    return training_metadata(
+        arch=recipe["model"]["arch"],
+        base_model=recipe["model"]["path"],
+        rank=lora_config["r"],
+        alpha=lora_config["lora_alpha"],
+        steps=step,
+        resolution=recipe["data"]["resolution"],
+        seed=recipe["run"]["seed"],
+        title=recipe["run"]["name"],
+    )
+
+
+def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write: bool) -> None:
+    """Write `lora.safetensors` (diffusers format) from the in-memory adapter weights.
+
+    Every rank must call it: under ZeRO-3 the LoRA parameters are gathered collectively first.
+    Only the rank with `write=True` writes the file.
+    """
+    module = trainee.engine.module
+    gather = contextlib.nullcontext()
+    if recipe.distributed.zero_stage == 3:
+        import deepspeed
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        if not write:
+            return
+        config = lora_config_dict(trainee.lora_config)
+        save_lora_file(
+            local_dir / LORA_FILE,
+            lora_state_dict(module),
+            prefix=trainee.adapter.lora_prefix,
+            lora_config=config,
+            fmt="diffusers",
+            metadata=lora_file_metadata(recipe.model_dump(mode="json"), config, step),
+        )
+
+
+def _consolidated_lora_weights(ckpt_dir: Path, step: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    tag = deepspeed_tag(step)
+    if zero_stage == 0:
+        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        weights = states["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(
+            str(ckpt_dir), tag=tag, exclude_frozen_parameters=True
+        )
+    lora = {k: v.float().contiguous() for k, v in weights.items() if ".lora_" in k}
+    return strip_adapter_name(lora)
+
+
+def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str = "diffusers") -> Path:
+    """Consolidate a valid checkpoint's DeepSpeed shards into a LoRA file.
+
+    Args:
+        ckpt_dir: a `checkpoint_{step:09d}` folder.
+        out_path: the `.safetensors` file to write (parent folders are created).
+        fmt: "diffusers" (peft keys under the pipeline prefix) or "kohya" (`lora_unet_*`).
+
+    Raises:
+        ValueError: unknown format, or the checkpoint is invalid (the reason is given).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    info = inspect_checkpoint(Path(ckpt_dir))
+    if not info.valid:
+        raise ValueError(f"checkpoint {ckpt_dir} is not valid: {info.reason}")
+    manifest = info.manifests[0]
+    weights = _consolidated_lora_weights(info.path, info.step, manifest["zero_stage"])
+    if not weights:
+        raise ValueError(f"checkpoint {ckpt_dir} holds no LoRA weights")
+    recipe, config = manifest["recipe"], manifest["lora_config"]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return save_lora_file(
+        out_path,
+        weights,
+        prefix=get_adapter(recipe["model"]["arch"]).lora_prefix,
+        lora_config=config,
+        fmt=fmt,
+        metadata=lora_file_metadata(recipe, config, info.step),
+    )

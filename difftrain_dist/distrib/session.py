@@ -1,0 +1,50 @@
+"""How a worker reports progress and persists checkpoints, with or without Ray.
+
+The train loop only talks to a :class:`WorkerSession`; Ray Train supplies one
+(:class:`difftrain_dist.distrib.ray_job.RaySession`), and torchrun/srun launches use
+:class:`LocalSession`, which copies each rank's files into the run folder itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch.distributed as dist
+
+
+class WorkerSession(Protocol):
+    """What the train loop needs from its launcher."""
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Forward rank 0's step metrics to whoever shows progress."""
+
+    def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
+        """Move this rank's checkpoint files from `local_dir` to `run_dir/name` (all ranks call it)."""
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One log line: `step 10/40  loss 0.1234  3.21 samples/s  eta 0:00:12`."""
+    eta = int(metrics.get("eta_s", 0))
+    return (
+        f"step {metrics['step']}/{metrics['max_steps']}  loss {metrics['loss']:.4f}  "
+        f"{metrics['samples_per_s']:.2f} samples/s  eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+    )
+
+
+class LocalSession:
+    """Session for launches without Ray (torchrun, srun): rank 0 prints, files are copied directly.
+
+    `run_dir` must be on storage every rank can see (a shared filesystem on multi-node launches).
+    """
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        print(format_metrics(metrics), file=sys.stderr, flush=True)
+
+    def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
+        shutil.copytree(local_dir, run_dir / name, dirs_exist_ok=True)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()

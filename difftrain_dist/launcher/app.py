@@ -1,0 +1,26 @@
+"""The `difftrain-dist` command line: one thin module per verb."""
+
+from __future__ import annotations
+
+import typer
+
+from difftrain_dist.launcher import checkpoints, export, models, sample, shards, train
+
+app = typer.Typer(
+    name="difftrain-dist",
+    help="Distributed LoRA training for diffusion models on Ray Train and DeepSpeed ZeRO.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("train")(train.train)
+app.command("export")(export.export)
+app.command("checkpoints")(checkpoints.checkpoints)
+app.command("sample")(sample.sample)
+app.add_typer(shards.app, name="shards")
+app.add_typer(models.app, name="models")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

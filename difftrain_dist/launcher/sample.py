@@ -1,0 +1,35 @@
+"""`difftrain-dist sample MODEL PROMPT`: render images, with or without a LoRA file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from difftrain_dist.launcher.common import console, user_errors
+
+
+def sample(
+    model: Annotated[str, typer.Argument(help="Diffusers model folder or hub id.")],
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts (one image each, in a grid).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
+    lora: Annotated[Path | None, typer.Option(help="LoRA .safetensors file to load.")] = None,
+    arch: Annotated[str, typer.Option(help="Model architecture.")] = "sd15",
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+) -> None:
+    """Render one image per PROMPT with the model's pipeline (and LoRA) into a PNG grid."""
+    from difftrain_dist.models import get_adapter
+    from difftrain_dist.models.sampling import image_grid, render_samples
+
+    with user_errors():
+        if lora is not None and not lora.is_file():
+            raise ValueError(f"--lora: no such file {lora}")
+        images = render_samples(model, prompt, pipeline_class=get_adapter(arch).pipeline_class, lora=lora,
+                                seed=seed, steps=steps, resolution=resolution, guidance_scale=guidance_scale)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(out)
+    console.print(f"wrote {out}")
