@@ -74,9 +74,7 @@ def setup_trainee(recipe: Recipe, global_rank: int) -> Trainee:
         target_modules=targets,
         dropout=recipe.lora.dropout,
     )
-    for p in adapter.denoiser.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    adapter.denoiser.train()
     engine, _, _ = build_engine(adapter.denoiser, recipe)
     noise_generator = torch.Generator(device).manual_seed(recipe.run.seed * 1_000_003 + global_rank)
     return Trainee(adapter, engine, lora_config, device, noise_generator)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from difftrain_dist.launcher import checkpoints, export, models, sample, shards, train
+from difftrain_dist.launcher import checkpoints, export, models, sample, shards, train, worker
 
 app = typer.Typer(
     name="difftrain-dist",
@@ -17,6 +17,7 @@ app.command("train")(train.train)
 app.command("export")(export.export)
 app.command("checkpoints")(checkpoints.checkpoints)
 app.command("sample")(sample.sample)
+app.command("worker")(worker.worker)
 app.add_typer(shards.app, name="shards")
 app.add_typer(models.app, name="models")
 

@@ -178,8 +178,14 @@ def load_component(loader: Any, path: str, subfolder: str, **kwargs: Any) -> Any
 
 
 def freeze(module: torch.nn.Module, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Move `module` to `device`/`dtype`, put it in eval mode and turn off requires_grad."""
-    module.to(device=device, dtype=dtype)
+    """Move `module` to `device`/`dtype`, put it in eval mode and turn off requires_grad.
+
+    Diffusers models should already be loaded in `dtype` (`torch_dtype=`): diffusers warns when
+    `.to(dtype)` casts a model that has modules to keep in float32.
+    """
+    module.to(device=device)
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
     module.eval()
     module.requires_grad_(False)
     return module

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 ADAPTER_NAME = "default"
@@ -56,7 +57,8 @@ def inject_lora(
     so the adapted model starts equal to the base model. Diffusers models go through
     `module.add_adapter` (so `peft_config` is recorded as diffusers expects), other modules
     through `peft.inject_adapter_in_model`. Afterwards only LoRA parameters require grad.
-    LoRA weights are fp32 when the base weights are fp16/bf16 (peft's autocast_adapter_dtype).
+    LoRA weights are float32 whatever the base dtype (diffusers' `cast_training_params`, as
+    its LoRA training scripts do); peft casts activations to them in the forward pass.
 
     Args:
         rank: LoRA rank r (> 0).
@@ -96,6 +98,7 @@ def inject_lora(
         inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
     for name, param in module.named_parameters():
         param.requires_grad_(_is_lora_param(name))
+    cast_training_params(module, dtype=torch.float32)
     return config
 
 

@@ -85,13 +85,8 @@ def write_tiny_clip_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
-def _build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
-    """Tiny SD1.5-architecture pipeline: UNet (32, 64), 4-block VAE (scale 8), 2-layer CLIP."""
-    tokenizer_dir = write_tiny_clip_tokenizer_files(work_dir / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
-    vocab = tokenizer.get_vocab()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+def _tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -103,8 +98,11 @@ def _build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+
+
+def _tiny_vae() -> AutoencoderKL:
+    # 4 blocks → 3 downsamplings → latents at 1/8 of the pixel size, as in real SD.
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -115,8 +113,10 @@ def _build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
         norm_num_groups=8,
         sample_size=128,
     )
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
+
+
+def _tiny_clip_text_model(vocab: dict[str, int]) -> CLIPTextModel:
+    config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=32,
         intermediate_size=37,
@@ -128,7 +128,20 @@ def _build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
         eos_token_id=vocab[EOS_TOKEN],
         pad_token_id=vocab[EOS_TOKEN],
     )
-    text_encoder = CLIPTextModel(text_config)
+    return CLIPTextModel(config)
+
+
+def _build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
+    """Tiny SD1.5-architecture pipeline: UNet (32, 64), 4-block VAE (scale 8), 2-layer CLIP."""
+    tokenizer_dir = write_tiny_clip_tokenizer_files(work_dir / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    torch.manual_seed(seed)
+    unet = _tiny_unet()
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = _tiny_clip_text_model(tokenizer.get_vocab())
+    # SD1.5's training schedule (CompVis v1-inference.yaml: linear_start/linear_end, 1000 steps).
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -1,0 +1,53 @@
+"""Run the worker loop without Ray: one process per rank, started by torchrun or srun."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from difftrain_dist.config import Recipe
+from difftrain_dist.distrib.checkpoint import find_resume_checkpoint
+from difftrain_dist.distrib.export import export_checkpoint
+from difftrain_dist.distrib.session import LocalSession
+from difftrain_dist.distrib.worker import train_worker
+
+SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
+
+
+def _env_from_slurm() -> None:
+    for slurm, torch_name in SLURM_TO_TORCH.items():
+        if slurm in os.environ and torch_name not in os.environ:
+            os.environ[torch_name] = os.environ[slurm]
+
+
+def run_local_worker(recipe: Recipe) -> Path | None:
+    """Train this rank with `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT` from the environment
+    (torchrun sets them; under srun `SLURM_PROCID`/`SLURM_NTASKS` are used).
+
+    Returns:
+        On rank 0, the consolidated LoRA file `output_dir/<name>.safetensors`; None on other ranks.
+
+    Raises:
+        ValueError: the rendezvous variables are missing.
+    """
+    _env_from_slurm()
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ValueError(f"run under torchrun or srun: environment lacks {', '.join(missing)}")
+    if recipe.distributed.use_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="nccl" if recipe.distributed.use_gpu else "gloo")
+    try:
+        train_worker(recipe, LocalSession())
+        dist.barrier()
+        if dist.get_rank() != 0:
+            return None
+        final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
+        if final is None:
+            raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")
+        return export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
+    finally:
+        dist.destroy_process_group()

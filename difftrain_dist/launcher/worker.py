@@ -1,0 +1,26 @@
+"""`difftrain-dist worker RECIPE`: the train loop in this process, for torchrun/srun launches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from difftrain_dist.config import load_recipe
+from difftrain_dist.launcher.common import console, user_errors
+
+
+def worker(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field (repeatable).")] = None,
+) -> None:
+    """Run one rank of the job without Ray, e.g. `torchrun --nproc-per-node 8 -m difftrain_dist worker r.yaml`
+    or under `srun`. Rank 0 writes the LoRA file at the end."""
+    with user_errors():
+        cfg = load_recipe(recipe, list(set_ or []))
+        from difftrain_dist.distrib.local_launch import run_local_worker
+
+        path = run_local_worker(cfg)
+    if path is not None:
+        console.print(f"LoRA written: [bold]{path}[/bold]")

@@ -1,0 +1,135 @@
+"""Recipe schema: validation messages name the field; overrides; every shipped recipe loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from difftrain_dist.config import Recipe, RecipeError, load_recipe
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def paths(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.json").write_text("{}")
+    return model, shards
+
+
+def write_recipe(tmp_path: Path, model_dir: Path, shards_dir: Path, **sections) -> Path:
+    raw = {
+        "run": {"name": "t", "storage_path": str(tmp_path / "runs")},
+        "model": {"arch": "sd15", "path": str(model_dir)},
+        "data": {"shards": str(shards_dir), "resolution": 64},
+        "train": {"max_steps": 3},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_valid_recipe_has_defaults_and_absolute_paths(tmp_path, paths):
+    recipe = load_recipe(write_recipe(tmp_path, *paths))
+    assert recipe.lora.rank == 16 and recipe.distributed.zero_stage == 2
+    assert recipe.run.storage_path.is_absolute() and recipe.data.shards.is_absolute()
+    assert recipe.run_dir == tmp_path / "runs" / "t"
+
+
+def test_typo_key_is_named_with_its_path(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths, train={"lrr": 1e-4})
+    with pytest.raises(RecipeError, match=r"train\.lrr: unknown key"):
+        load_recipe(path)
+
+
+def test_unknown_section_is_named(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths, trainer={"x": 1})
+    with pytest.raises(RecipeError, match=r"trainer: unknown key"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_field_and_value(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths, train={"max_steps": "many"})
+    with pytest.raises(RecipeError, match=r"train\.max_steps: .*'many'"):
+        load_recipe(path)
+
+
+def test_missing_model_folder_is_named(tmp_path, paths):
+    path = write_recipe(tmp_path, tmp_path / "nope", paths[1])
+    with pytest.raises(RecipeError, match=r"model\.path: .*no diffusers model folder"):
+        load_recipe(path)
+
+
+def test_missing_shards_index_is_named(tmp_path, paths):
+    path = write_recipe(tmp_path, paths[0], tmp_path / "missing")
+    with pytest.raises(RecipeError, match=r"data\.shards: .*no index.json"):
+        load_recipe(path)
+
+
+def test_missing_required_field(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths)
+    raw = yaml.safe_load(path.read_text())
+    del raw["train"]["max_steps"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=r"train\.max_steps: required field is missing"):
+        load_recipe(path)
+
+
+def test_every_problem_is_reported_at_once(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths, train={"lrr": 1, "max_steps": 0}, lora={"rank": 0})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert "train.lrr" in text and "train.max_steps" in text and "lora.rank" in text
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_set_overrides_nested_fields_with_yaml_types(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths)
+    recipe = load_recipe(path, ["train.lr=2e-4", "distributed.num_workers=3", "lora.target_modules=[to_q, to_v]"])
+    assert recipe.train.lr == pytest.approx(2e-4)
+    assert recipe.distributed.num_workers == 3
+    assert recipe.lora.target_modules == ["to_q", "to_v"]
+
+
+def test_set_typo_is_an_error(tmp_path, paths):
+    with pytest.raises(RecipeError, match=r"train\.lrr: unknown key"):
+        load_recipe(write_recipe(tmp_path, *paths), ["train.lrr=1"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(write_recipe(tmp_path, *paths), ["train.lr"])
+
+
+def test_cpu_run_rejects_half_precision(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths, model={"dtype": "bfloat16"})
+    with pytest.raises(RecipeError, match="model.dtype"):
+        load_recipe(path)
+
+
+def test_recipe_hash_ignores_lr_but_not_rank(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths)
+    base = load_recipe(path).recipe_hash()
+    assert load_recipe(path, ["train.lr=1e-3"]).recipe_hash() == base
+    assert load_recipe(path, ["lora.rank=4"]).recipe_hash() != base
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_shipped_recipes_validate(config, paths):
+    model, shards = paths
+    recipe = load_recipe(config, [f"model.path={model}", f"data.shards={shards}"])
+    assert isinstance(recipe, Recipe)
+    assert recipe.run.name
+
+
+def test_configs_folder_is_not_empty():
+    assert CONFIGS, "configs/ ships no recipe"

@@ -1,0 +1,358 @@
+"""data_shards: folder → shards (real skimage photographs plus broken/odd files) and the reader."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from difftrain_dist.data_shards import ShardIndex, ShardStream, build_shards
+from difftrain_dist.data_shards.plan import epoch_units, reader_quota
+
+DATA = Path(skimage.data.data_dir)
+RES = 32
+
+# (file in the source folder, skimage file it comes from); every one has a caption.
+PHOTOS = {
+    "astronaut.png": "astronaut.png",  # RGB
+    "camera.png": "camera.png",  # L
+    "chelsea.png": "chelsea.png",  # RGB, 451x300
+    "coffee.png": "coffee.png",  # RGB, 600x400
+    "horse.png": "horse.png",  # RGBA
+    "logo.png": "logo.png",  # RGBA (fully opaque)
+    "nested/ROCKET.JPG": "rocket.jpg",  # RGB JPEG, upper-case extension
+    "nested/deeper/hubble.jpg": "hubble_deep_field.jpg",  # RGB JPEG 1000x872
+}
+KEPT = [  # walk order: a folder's files sorted, then its sub-folders
+    "astronaut.png", "camera.png", "chelsea.png", "cmyk.jpg", "coffee.png", "exif_rotated.jpg",
+    "half_transparent.png", "horse.png", "logo.png", "palette.png", "palette_transparent.png",
+    "sixteen_bit.png", "nested/ROCKET.JPG", "nested/deeper/hubble.jpg",
+]
+SKIPPED = {  # source -> words the reason must contain
+    "bad_caption.png": "not UTF-8",
+    "empty.jpg": "empty file",
+    "no_caption.png": "no caption file no_caption.txt",
+    "notes.md": "not an image",
+    "truncated.jpg": "truncated",
+}
+
+
+def _caption(name: str) -> str:
+    return f"a photo: {Path(name).stem} ✓"
+
+
+def _write(folder: Path, name: str, img: Image.Image | None = None, caption: bool = True,
+           **save_kw) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if img is not None:
+        img.save(path, **save_kw)
+    if caption:
+        path.with_suffix(".txt").write_text(_caption(name) + "\n", encoding="utf-8")
+    return path
+
+
+def _make_source(folder: Path) -> None:
+    for name, original in PHOTOS.items():
+        _write(folder, name).write_bytes((DATA / original).read_bytes())
+    astronaut, chelsea = Image.open(DATA / "astronaut.png"), Image.open(DATA / "chelsea.png")
+    camera = np.asarray(Image.open(DATA / "camera.png"))
+    _write(folder, "cmyk.jpg", astronaut.convert("CMYK"), format="JPEG", quality=95)
+    _write(folder, "palette.png", chelsea.quantize(32))
+    half = Image.open(DATA / "coffee.png").convert("RGBA")
+    alpha = np.full(half.size[::-1], 255, np.uint8)
+    alpha[:, : half.size[0] // 2] = 0  # left half fully transparent
+    half.putalpha(Image.fromarray(alpha))
+    _write(folder, "half_transparent.png", half)
+    _write(folder, "palette_transparent.png", half.quantize(64))
+    _write(folder, "sixteen_bit.png", Image.fromarray(camera.astype(np.uint16) * 257))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90° clockwise
+    _write(folder, "exif_rotated.jpg", chelsea.transpose(Image.Transpose.ROTATE_90),
+           format="JPEG", quality=95, exif=exif.tobytes())
+    _write(folder, "empty.jpg").write_bytes(b"")
+    rocket = (DATA / "rocket.jpg").read_bytes()
+    _write(folder, "truncated.jpg").write_bytes(rocket[: len(rocket) // 2])
+    _write(folder, "no_caption.png", caption=False).write_bytes((DATA / "coins.png").read_bytes())
+    _write(folder, "bad_caption.png", caption=False).write_bytes((DATA / "moon.png").read_bytes())
+    (folder / "bad_caption.txt").write_bytes("café".encode("latin-1"))
+    (folder / "notes.md").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"ignored")
+
+
+def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, ShardIndex]:
+    root = tmp_path_factory.mktemp("build")
+    _make_source(root / "src")
+    index = build_shards(root / "src", root / "out", resolution=RES, samples_per_shard=5)
+    return root / "src", root / "out", index
+
+
+@pytest.fixture(scope="module")
+def samples(built) -> list[dict]:
+    """Every sample of the build, in shard order: {"key", "meta", "caption", "pixels"}."""
+    _, out, index = built
+    rows = []
+    for shard in index.shards:
+        for key, members in sorted(_read_tar(out / shard.name).items()):
+            assert sorted(members) == ["jpg", "json", "txt"]
+            rows.append({"key": key, "meta": json.loads(members["json"]),
+                         "caption": members["txt"].decode("utf-8"),
+                         "pixels": np.asarray(Image.open(io.BytesIO(members["jpg"])))})
+    return rows
+
+
+def test_build_keeps_good_inputs_and_reports_bad_ones(built, samples):
+    _, out, index = built
+    assert [s["meta"]["source"] for s in samples] == KEPT
+    assert [s["key"] for s in samples] == [f"{i:09d}" for i in range(len(KEPT))]
+    assert {s.source: s.reason for s in index.skipped}.keys() == SKIPPED.keys()
+    for skip in index.skipped:
+        assert SKIPPED[skip.source] in skip.reason, skip
+    assert index.num_samples == len(KEPT) and index.buckets == {f"{RES}x{RES}": len(KEPT)}
+    assert [(s.name, s.num_samples) for s in index.shards] == [
+        ("shard-000000.tar", 5), ("shard-000001.tar", 5), ("shard-000002.tar", 4)]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+def test_index_json_matches_files(built):
+    src, out, index = built
+    doc = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    assert doc["version"] == 1 and doc["resolution"] == RES and doc["num_samples"] == len(KEPT)
+    for shard in doc["shards"]:
+        assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest()
+    assert doc == index.to_dict()
+    assert ShardIndex.load(out) == index == ShardIndex.load(f"file://{out}/index.json")
+    index.verify_checksums()
+
+
+def test_round_trip_metadata_captions_and_pixels(built, samples):
+    src, _, _ = built
+    for s in samples:
+        meta, source = s["meta"], src / s["meta"]["source"]
+        assert s["caption"] == _caption(meta["source"])
+        assert meta["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert meta["bucket"] == [RES, RES]
+        assert s["pixels"].shape == (RES, RES, 3) and s["pixels"].dtype == np.uint8
+    by_source = {s["meta"]["source"]: s for s in samples}
+    assert (by_source["chelsea.png"]["meta"]["width"], by_source["chelsea.png"]["meta"]["height"]) == (451, 300)
+    assert (by_source["nested/deeper/hubble.jpg"]["meta"]["width"],) == (1000,)
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def test_odd_modes_are_converted_correctly(samples):
+    px = {s["meta"]["source"]: s["pixels"] for s in samples}
+    meta = {s["meta"]["source"]: s["meta"] for s in samples}
+    # EXIF orientation applied: size as displayed, pixels match the unrotated original.
+    assert (meta["exif_rotated.jpg"]["width"], meta["exif_rotated.jpg"]["height"]) == (451, 300)
+    assert _diff(px["exif_rotated.jpg"], px["chelsea.png"]) < 4
+    assert _diff(np.rot90(px["exif_rotated.jpg"]), px["chelsea.png"]) > 20
+    # 16-bit grey is scaled, not clipped to white; grey becomes 3 equal channels.
+    assert _diff(px["sixteen_bit.png"], px["camera.png"]) < 2
+    assert _diff(px["camera.png"][..., 0], px["camera.png"][..., 2]) < 2
+    # CMYK JPEG comes back as the RGB it was made from.
+    assert _diff(px["cmyk.jpg"], px["astronaut.png"]) < 4
+    # Transparent pixels are composited on white (RGBA and palette + tRNS); opaque half untouched.
+    for name in ("half_transparent.png", "palette_transparent.png"):
+        assert px[name][:, : RES // 2 - 2].min() >= 245, name
+        assert px[name][:, RES // 2 + 2:].mean() < 200, name
+    assert _diff(px["palette.png"], px["chelsea.png"]) < 8
+
+
+def test_default_caption_keeps_uncaptioned_images(built, tmp_path):
+    src, _, _ = built
+    index = build_shards(src, tmp_path / "out", resolution=16, default_caption="a photo")
+    assert index.num_samples == len(KEPT) + 1
+    assert "no_caption.png" not in {s.source for s in index.skipped}
+    rows = _read_tar(tmp_path / "out" / index.shards[0].name)
+    captions = {json.loads(m["json"])["source"]: m["txt"].decode() for m in rows.values()}
+    assert captions["no_caption.png"] == "a photo"
+
+
+def test_build_refuses_existing_shards_and_bad_arguments(built, tmp_path):
+    src, out, _ = built
+    with pytest.raises(ValueError, match="already holds index.json"):
+        build_shards(src, out, resolution=RES)
+    with pytest.raises(ValueError, match="src .*not a folder"):
+        build_shards(tmp_path / "missing", tmp_path / "o", resolution=RES)
+    with pytest.raises(ValueError, match="resolution"):
+        build_shards(src, tmp_path / "o", resolution=0)
+    with pytest.raises(ValueError, match="caption_ext"):
+        build_shards(src, tmp_path / "o", resolution=RES, caption_ext="txt")
+
+
+def test_index_load_errors_name_the_file(built, tmp_path):
+    _, out, _ = built
+    with pytest.raises(ValueError, match="index.json.*not found"):
+        ShardIndex.load(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "shard-000001.tar").write_bytes(b"changed")
+    with pytest.raises(ValueError, match="shard-000001.tar: sha256"):
+        ShardIndex.load(copy).verify_checksums()
+    (copy / "shard-000001.tar").unlink()
+    with pytest.raises(ValueError, match=r"shards\[1\] file .*shard-000001.tar does not exist"):
+        ShardIndex.load(copy)
+    doc = json.loads((out / "index.json").read_text())
+    del doc["shards"][0]["sha256"]
+    (copy / "index.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"shards\[0\]: missing field 'sha256'"):
+        ShardIndex.load(copy)
+
+
+# --------------------------------------------------------------------------------------- reader
+
+SIZES = (5, 2, 4)  # three uneven shards, fewer than the 4 readers of world_size=2 x 2 workers
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> Path:
+    """One index over three separately built shards of 5, 2 and 4 photo crops; captions unique."""
+    root = tmp_path_factory.mktemp("uneven")
+    photos = [np.asarray(Image.open(DATA / n).convert("RGB")) for n in ("astronaut.png", "coffee.png")]
+    shards, number = [], 0
+    for part, size in enumerate(SIZES):
+        src = root / f"src{part}"
+        for _ in range(size):
+            photo = photos[number % 2]
+            crop = photo[17 * number: 17 * number + 96, 23 * number: 23 * number + 96]
+            _write(src, f"crop{number:02d}.png", Image.fromarray(crop), caption=False)
+            (src / f"crop{number:02d}.txt").write_text(f"sample {number:02d}")
+            number += 1
+        index = build_shards(src, root / f"part{part}", resolution=16, samples_per_shard=100)
+        shards += [{**vars(s), "name": f"part{part}/{s.name}"} for s in index.shards]
+    merged = {"version": 1, "resolution": 16, "num_samples": sum(SIZES), "shards": shards,
+              "buckets": {"16x16": sum(SIZES)}, "skipped": []}
+    (root / "index.json").write_text(json.dumps(merged))
+    return root
+
+
+def _take(stream, n: int) -> list[dict]:
+    return list(islice(iter(stream), n))
+
+
+def _loader(ds: ShardStream, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=None, num_workers=workers)
+
+
+def test_plan_every_reader_same_quota_and_no_overlap():
+    for sizes in ([5, 2, 4], [7], [3, 9, 1, 4, 4, 6, 2], [10] * 9 + [1]):
+        for world_size, workers in ((1, 1), (2, 2), (3, 2), (4, 1)):
+            readers = world_size * workers
+            for epoch in range(12):
+                units = epoch_units(sizes, seed=3, epoch=epoch, num_readers=readers)
+                seen = [(u.shard, off) for us in units for u in us
+                        for off in range(u.slice_index, sizes[u.shard], u.num_slices)]
+                assert len(seen) == len(set(seen)) == sum(sizes)
+                assert all(len(range(u.slice_index, sizes[u.shard], u.num_slices)) == u.num_samples
+                           for us in units for u in us)
+                try:
+                    quota = reader_quota(sizes, seed=3, epoch=epoch, world_size=world_size,
+                                         num_workers=workers, micro_batch_size=1)
+                except ValueError:
+                    assert min(sum(u.num_samples for u in us) for us in units) == 0
+                    continue
+                assert quota == min(sum(u.num_samples for u in us) for us in units) > 0
+
+
+def test_ranks_and_workers_yield_equal_batches_without_duplicates(uneven):
+    epochs: dict[int, list[str]] = {}
+    per_rank_counts = []
+    for rank in range(2):
+        ds = ShardStream(uneven, micro_batch_size=1, global_rank=rank, world_size=2, seed=7,
+                         num_workers=2, shuffle_buffer=4)
+        counts = [ds.batches_in_epoch(e) for e in range(4)]
+        per_rank_counts.append(counts)
+        batches = _take(_loader(ds, 2), sum(counts))
+        # Workers alternate; if one ran out first the epochs would interleave here.
+        assert [(b["epoch"], b["batch_in_epoch"]) for b in batches] == [
+            (e, i) for e in range(4) for i in range(counts[e])]
+        for b in batches:
+            assert b["pixel_values"].shape == (1, 3, 16, 16) and b["pixel_values"].dtype == torch.float32
+            assert -1.0 <= float(b["pixel_values"].min()) and float(b["pixel_values"].max()) <= 1.0
+            epochs.setdefault(b["epoch"], []).extend(b["captions"])
+    assert per_rank_counts[0] == per_rank_counts[1]
+    assert all(c % 2 == 0 and c > 0 for c in per_rank_counts[0])
+    for epoch, captions in epochs.items():
+        assert len(captions) == len(set(captions)) == 2 * per_rank_counts[0][epoch], epoch
+        assert set(captions) <= {f"sample {i:02d}" for i in range(sum(SIZES))}
+
+
+def test_same_seed_same_order_new_epoch_new_order(uneven):
+    def captions(seed: int) -> list[list[str]]:
+        ds = ShardStream(uneven / "index.json", micro_batch_size=1, global_rank=0, world_size=1,
+                         seed=seed, num_workers=0)
+        n = ds.batches_per_epoch
+        assert n == sum(SIZES)
+        batches = _take(ds, 2 * n)
+        return [[c for b in batches[e * n:(e + 1) * n] for c in b["captions"]] for e in range(2)]
+
+    first, again, other = captions(1), captions(1), captions(2)
+    assert first == again
+    assert first[0] != first[1] and sorted(first[0]) == sorted(first[1])
+    assert first != other
+
+
+def _same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g["epoch"], g["batch_in_epoch"], g["captions"], g["keys"]) == (
+            w["epoch"], w["batch_in_epoch"], w["captions"], w["keys"])
+        assert torch.equal(g["pixel_values"], w["pixel_values"])
+
+
+def test_resume_equals_tail_of_unskipped_stream(uneven):
+    kw = dict(micro_batch_size=2, global_rank=1, world_size=2, seed=5, num_workers=0)
+    full = _take(ShardStream(uneven, **kw), 12)
+    first_epoch = ShardStream(uneven, **kw).batches_per_epoch
+    for start in (1, first_epoch - 1, first_epoch):  # mid-epoch, last batch, epoch end
+        resumed = ShardStream(uneven, start_batch=start, **kw)
+        _same_batches(_take(resumed, 12 - start), full[start:])
+    epoch1 = ShardStream(uneven, start_epoch=1, **kw)
+    _same_batches(_take(epoch1, 12 - first_epoch), full[first_epoch:])
+    with pytest.raises(ValueError, match="start_batch"):
+        ShardStream(uneven, start_batch=first_epoch + 1, **kw)
+
+
+def test_resume_through_dataloader_workers(uneven):
+    kw = dict(micro_batch_size=1, global_rank=0, world_size=1, seed=11, num_workers=2)
+    full = _take(_loader(ShardStream(uneven, **kw), 2), 16)
+    n = ShardStream(uneven, **kw).batches_per_epoch
+    start = n - 3  # odd cursor: DataLoader worker 0 must replay worker 1's part; crosses epochs
+    assert start % 2 == 1
+    _same_batches(_take(_loader(ShardStream(uneven, start_batch=start, **kw), 2), 16 - start), full[start:])
+
+
+def test_reader_argument_errors(uneven):
+    with pytest.raises(ValueError, match="needs at least 16 samples"):
+        ShardStream(uneven, micro_batch_size=8, global_rank=0, world_size=2, seed=0, num_workers=0)
+    with pytest.raises(ValueError, match="global_rank"):
+        ShardStream(uneven, micro_batch_size=1, global_rank=2, world_size=2, seed=0)
+    with pytest.raises(ValueError, match="num_workers"):
+        ShardStream(uneven, micro_batch_size=1, global_rank=0, world_size=2, seed=0).batches_per_epoch
+    with pytest.raises(ValueError, match="not found"):
+        ShardStream(uneven / "nowhere", micro_batch_size=1, global_rank=0, world_size=1, seed=0)
