@@ -259,47 +259,54 @@ def _loader(ds: ShardStream, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=None, num_workers=workers)
 
 
-def test_plan_every_reader_same_quota_and_no_overlap():
+def test_plan_units_partition_the_data_and_quota_is_the_worst_epoch_minimum():
     for sizes in ([5, 2, 4], [7], [3, 9, 1, 4, 4, 6, 2], [10] * 9 + [1]):
         for world_size, workers in ((1, 1), (2, 2), (3, 2), (4, 1)):
             readers = world_size * workers
-            for epoch in range(12):
+            epoch_minimums = []
+            for epoch in range(60):
                 units = epoch_units(sizes, seed=3, epoch=epoch, num_readers=readers)
                 seen = [(u.shard, off) for us in units for u in us
                         for off in range(u.slice_index, sizes[u.shard], u.num_slices)]
                 assert len(seen) == len(set(seen)) == sum(sizes)
                 assert all(len(range(u.slice_index, sizes[u.shard], u.num_slices)) == u.num_samples
                            for us in units for u in us)
-                try:
-                    quota = reader_quota(sizes, seed=3, epoch=epoch, world_size=world_size,
-                                         num_workers=workers, micro_batch_size=1)
-                except ValueError:
-                    assert min(sum(u.num_samples for u in us) for us in units) == 0
-                    continue
-                assert quota == min(sum(u.num_samples for u in us) for us in units) > 0
+                epoch_minimums.append(min(sum(u.num_samples for u in us) for us in units))
+            quota = reader_quota(sizes, world_size=world_size, num_workers=workers, micro_batch_size=1)
+            assert quota == min(epoch_minimums) > 0, (sizes, world_size, workers)
+            if quota >= 2:
+                assert reader_quota(sizes, world_size=world_size, num_workers=workers,
+                                    micro_batch_size=2) == quota - quota % 2
+            else:
+                with pytest.raises(ValueError, match=f"at least {2 * readers} samples"):
+                    reader_quota(sizes, world_size=world_size, num_workers=workers, micro_batch_size=2)
 
 
-def test_ranks_and_workers_yield_equal_batches_without_duplicates(uneven):
+@pytest.mark.parametrize("data", ["uneven", "built"])
+def test_ranks_and_workers_yield_equal_batches_without_duplicates(request, data):
+    index = request.getfixturevalue("uneven") if data == "uneven" else request.getfixturevalue("built")[1]
+    size = 16 if data == "uneven" else RES
     epochs: dict[int, list[str]] = {}
     per_rank_counts = []
     for rank in range(2):
-        ds = ShardStream(uneven, micro_batch_size=1, global_rank=rank, world_size=2, seed=7,
+        ds = ShardStream(index, micro_batch_size=1, global_rank=rank, world_size=2, seed=7,
                          num_workers=2, shuffle_buffer=4)
-        counts = [ds.batches_in_epoch(e) for e in range(4)]
+        counts = [ds.batches_per_epoch] * 4
         per_rank_counts.append(counts)
         batches = _take(_loader(ds, 2), sum(counts))
         # Workers alternate; if one ran out first the epochs would interleave here.
         assert [(b["epoch"], b["batch_in_epoch"]) for b in batches] == [
             (e, i) for e in range(4) for i in range(counts[e])]
         for b in batches:
-            assert b["pixel_values"].shape == (1, 3, 16, 16) and b["pixel_values"].dtype == torch.float32
+            assert b["pixel_values"].shape == (1, 3, size, size) and b["pixel_values"].dtype == torch.float32
             assert -1.0 <= float(b["pixel_values"].min()) and float(b["pixel_values"].max()) <= 1.0
             epochs.setdefault(b["epoch"], []).extend(b["captions"])
     assert per_rank_counts[0] == per_rank_counts[1]
     assert all(c % 2 == 0 and c > 0 for c in per_rank_counts[0])
     for epoch, captions in epochs.items():
         assert len(captions) == len(set(captions)) == 2 * per_rank_counts[0][epoch], epoch
-        assert set(captions) <= {f"sample {i:02d}" for i in range(sum(SIZES))}
+        if data == "uneven":
+            assert set(captions) <= {f"sample {i:02d}" for i in range(sum(SIZES))}
 
 
 def test_same_seed_same_order_new_epoch_new_order(uneven):
@@ -325,17 +332,20 @@ def _same_batches(got: list[dict], want: list[dict]) -> None:
         assert torch.equal(g["pixel_values"], w["pixel_values"])
 
 
-def test_resume_equals_tail_of_unskipped_stream(uneven):
-    kw = dict(micro_batch_size=2, global_rank=1, world_size=2, seed=5, num_workers=0)
-    full = _take(ShardStream(uneven, **kw), 12)
-    first_epoch = ShardStream(uneven, **kw).batches_per_epoch
-    for start in (1, first_epoch - 1, first_epoch):  # mid-epoch, last batch, epoch end
-        resumed = ShardStream(uneven, start_batch=start, **kw)
+@pytest.mark.parametrize("data, world_size, rank, batch", [("uneven", 1, 0, 2), ("built", 2, 1, 1)])
+def test_resume_equals_tail_of_unskipped_stream(request, data, world_size, rank, batch):
+    index = request.getfixturevalue("uneven") if data == "uneven" else request.getfixturevalue("built")[1]
+    kw = dict(micro_batch_size=batch, global_rank=rank, world_size=world_size, seed=5)
+    full = _take(ShardStream(index, **kw), 12)
+    per_epoch = ShardStream(index, **kw).batches_per_epoch
+    assert 3 <= per_epoch <= 6  # so 12 batches cross at least one epoch boundary
+    for start in (1, per_epoch - 1, per_epoch):  # mid-epoch, last batch, epoch end
+        resumed = ShardStream(index, start_batch=start, **kw)
         _same_batches(_take(resumed, 12 - start), full[start:])
-    epoch1 = ShardStream(uneven, start_epoch=1, **kw)
-    _same_batches(_take(epoch1, 12 - first_epoch), full[first_epoch:])
+    epoch1 = ShardStream(index, start_epoch=1, **kw)
+    _same_batches(_take(epoch1, 12 - per_epoch), full[per_epoch:])
     with pytest.raises(ValueError, match="start_batch"):
-        ShardStream(uneven, start_batch=first_epoch + 1, **kw)
+        ShardStream(index, start_batch=per_epoch + 1, **kw)
 
 
 def test_resume_through_dataloader_workers(uneven):
@@ -352,7 +362,8 @@ def test_reader_argument_errors(uneven):
         ShardStream(uneven, micro_batch_size=8, global_rank=0, world_size=2, seed=0, num_workers=0)
     with pytest.raises(ValueError, match="global_rank"):
         ShardStream(uneven, micro_batch_size=1, global_rank=2, world_size=2, seed=0)
-    with pytest.raises(ValueError, match="num_workers"):
-        ShardStream(uneven, micro_batch_size=1, global_rank=0, world_size=2, seed=0).batches_per_epoch
+    in_process = ShardStream(uneven, micro_batch_size=1, global_rank=0, world_size=1, seed=0)
+    with pytest.raises(ValueError, match="built with num_workers=0 but is read with 2 loader workers"):
+        _take(_loader(in_process, 2), 1)
     with pytest.raises(ValueError, match="not found"):
         ShardStream(uneven / "nowhere", micro_batch_size=1, global_rank=0, world_size=1, seed=0)

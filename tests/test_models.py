@@ -29,6 +29,8 @@ from difftrain_dist.models import (
 )
 from difftrain_dist.models.tiny import tiny_clip_vocab
 
+from .lora_checks import hand_merged_unet, unet_output
+
 RANK, ALPHA = 4, 8.0  # alpha != rank so the alpha / rank scaling is exercised
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # fp32 on CPU: LoRA-as-adapter vs hand-merged weights differ only by summation order.
@@ -54,20 +56,6 @@ def _randomize_lora(module: torch.nn.Module, seed: int) -> None:
         for name, param in module.named_parameters():
             if ".lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-
-
-def _fixed_unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(123)
-    latents = torch.randn(2, 4, 8, 8, generator=generator)
-    timesteps = torch.tensor([10, 500])
-    encoder_hidden_states = torch.randn(2, 77, 32, generator=generator)
-    return latents, timesteps, encoder_hidden_states
-
-
-@torch.no_grad()
-def _unet_output(unet: UNet2DConditionModel) -> torch.Tensor:
-    latents, timesteps, encoder_hidden_states = _fixed_unet_inputs()
-    return unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
 
 
 # ---------------------------------------------------------------- tiny model
@@ -307,24 +295,14 @@ def test_diffusers_lora_file_equals_hand_merged_weights(tiny_sd15: Path, lora_fi
     assert scale == ALPHA / RANK  # read from the file; cross-checked against the constants
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
-    base_out = _unet_output(pipe.unet)
+    base_out = unet_output(pipe.unet)
     pipe.load_lora_weights(str(path))
-    lora_out = _unet_output(pipe.unet)
+    lora_out = unet_output(pipe.unet)
     assert (lora_out - base_out).abs().max() > 1e-3
 
-    merged = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
-    n_merged = 0
-    with torch.no_grad():
-        for key, lora_a in tensors.items():
-            if not key.endswith(".lora_A.weight"):
-                continue
-            module_path = key.removeprefix("unet.").removesuffix(".lora_A.weight")
-            lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
-            linear = merged.get_submodule(module_path)
-            linear.weight += scale * (lora_b @ lora_a)  # W' = W + (alpha / r) * B @ A
-            n_merged += 1
+    merged, n_merged = hand_merged_unet(tiny_sd15, path)
     assert n_merged == len(tensors) // 2 > 0
-    torch.testing.assert_close(lora_out, _unet_output(merged), atol=ATOL, rtol=0)
+    torch.testing.assert_close(lora_out, unet_output(merged), atol=ATOL, rtol=0)
 
 
 def test_kohya_lora_file_keys_and_same_output(tiny_sd15: Path, lora_files: dict) -> None:
@@ -345,8 +323,8 @@ def test_kohya_lora_file_keys_and_same_output(tiny_sd15: Path, lora_files: dict)
         elif key.endswith(".lora_down.weight"):
             assert value.shape[0] == RANK
 
-    kohya_out = _unet_output(_pipeline_with_lora(tiny_sd15, lora_files["kohya"]).unet)
-    diffusers_out = _unet_output(_pipeline_with_lora(tiny_sd15, lora_files["diffusers"]).unet)
+    kohya_out = unet_output(_pipeline_with_lora(tiny_sd15, lora_files["kohya"]).unet)
+    diffusers_out = unet_output(_pipeline_with_lora(tiny_sd15, lora_files["diffusers"]).unet)
     torch.testing.assert_close(kohya_out, diffusers_out, atol=ATOL, rtol=0)
 
 

@@ -49,21 +49,41 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _item(record: object, field_name: str) -> Any:
+    if field_name not in getattr(record, "__dataclass_fields__"):
+        raise KeyError(field_name)
+    return getattr(record, field_name)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard: `name` relative to the index folder, its sample count and sha256 (hex)."""
+    """One shard: `name` relative to the index folder, its sample count and sha256 (hex).
+
+    Fields read as attributes (`info.name`) or like the JSON object (`info["name"]`).
+    """
 
     name: str
     num_samples: int
     sha256: str
 
+    def __getitem__(self, field_name: str) -> Any:
+        """`info["name"]` reads like the JSON object (KeyError for unknown fields)."""
+        return _item(self, field_name)
+
 
 @dataclass(frozen=True)
 class SkippedInput:
-    """An input file that was left out: `source` relative to the source folder, and why."""
+    """An input file that was left out: `source` relative to the source folder, and why.
+
+    Fields read as attributes (`item.source`) or like the JSON object (`item["source"]`).
+    """
 
     source: str
     reason: str
+
+    def __getitem__(self, field_name: str) -> Any:
+        """`skipped["source"]` reads like the JSON object (KeyError for unknown fields)."""
+        return _item(self, field_name)
 
 
 @dataclass

@@ -43,8 +43,8 @@ class ShardStream(IterableDataset):
         "batch_in_epoch": int, the rank-level batch index in the epoch (the resume cursor).
     B is `micro_batch_size`; H = W = the index's resolution.
 
-    Every rank and every loader worker yields the same number of batches per epoch (see plan.py);
-    `start_epoch`/`start_batch` resume from the rank-level cursor of a previous stream.
+    Every rank and every loader worker yields the same number of batches in every epoch (see
+    plan.py); `start_epoch`/`start_batch` resume from the rank-level cursor of a previous stream.
 
     Args:
         index: a ShardIndex, or the path / file:// URL of index.json or its folder.
@@ -54,18 +54,19 @@ class ShardStream(IterableDataset):
         start_epoch, start_batch: cursor to resume from; start_batch may equal the epoch's batch
             count (meaning: the start of the next epoch).
         shuffle_buffer: samples in each reader's shuffle buffer (0 or 1: no shuffling).
-        num_workers: the DataLoader's num_workers. Needed by `batches_per_epoch` and checked
-            against the real DataLoader; None: taken from the DataLoader when iterating.
+        num_workers: the DataLoader's num_workers (0: read in the main process). The stream
+            checks it against `torch.utils.data.get_worker_info()` when iterating.
 
     Raises:
-        ValueError: bad arguments, an unreadable index, or (when num_workers is given) too few
-            samples for world_size x workers x micro_batch_size or start_batch past the epoch end.
-            While iterating: too few samples in an epoch, or a shard that disagrees with the index.
+        ValueError: bad arguments, an unreadable index, too few samples for
+            world_size x max(num_workers, 1) x micro_batch_size, or start_batch past the epoch end.
+            While iterating: a DataLoader whose num_workers differs from `num_workers`, or a shard
+            whose contents disagree with index.json.
     """
 
     def __init__(self, index: ShardIndex | str | os.PathLike[str], *, micro_batch_size: int,
                  global_rank: int, world_size: int, seed: int, start_epoch: int = 0,
-                 start_batch: int = 0, shuffle_buffer: int = 64, num_workers: int | None = None):
+                 start_batch: int = 0, shuffle_buffer: int = 64, num_workers: int = 0):
         super().__init__()
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index)
         _check_int("micro_batch_size", micro_batch_size, 1)
@@ -74,10 +75,8 @@ class ShardStream(IterableDataset):
         if global_rank >= world_size:
             raise ValueError(f"global_rank: {global_rank} is not below world_size {world_size}")
         for name, value in (("start_epoch", start_epoch), ("start_batch", start_batch),
-                            ("shuffle_buffer", shuffle_buffer)):
+                            ("shuffle_buffer", shuffle_buffer), ("num_workers", num_workers)):
             _check_int(name, value, 0)
-        if num_workers is not None:
-            _check_int("num_workers", num_workers, 0)
         if not self.index.shards or self.index.num_samples == 0:
             raise ValueError(f"index {self.index.root}: holds no samples")
         self.micro_batch_size = micro_batch_size
@@ -88,41 +87,29 @@ class ShardStream(IterableDataset):
         self.start_batch = start_batch
         self.shuffle_buffer = shuffle_buffer
         self.num_workers = num_workers
-        if num_workers is not None:
-            self._resume_cursor(max(num_workers, 1))  # fail early on a bad cursor / too few samples
-
-    def batches_in_epoch(self, epoch: int, num_workers: int | None = None) -> int:
-        """Batches this rank yields in `epoch` (all its loader workers together).
-
-        The count can differ between epochs when shard sizes are uneven (the shard permutation
-        changes which reader is smallest); it is the same on every rank.
-
-        Raises:
-            ValueError: num_workers unknown (not given here nor to the constructor), or too few samples.
-        """
-        workers = self.num_workers if num_workers is None else num_workers
-        if workers is None:
-            raise ValueError("num_workers: pass the DataLoader's num_workers to ShardStream (or here) "
-                             "to know the batches per epoch")
-        k = max(workers, 1)
-        return k * self._quota(epoch, k) // self.micro_batch_size
+        self._readers_per_rank = max(num_workers, 1)  # K
+        self._quota = reader_quota(self.index.shard_sizes, world_size=world_size,
+                                   num_workers=self._readers_per_rank, micro_batch_size=micro_batch_size)
+        self._resume_cursor()  # fail early on a cursor past the epoch end
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches this rank yields in `start_epoch` (see `batches_in_epoch` for other epochs).
+        """Batches this rank yields per epoch, all its loader workers together (same every epoch)."""
+        return self._readers_per_rank * self._quota // self.micro_batch_size
 
-        Raises:
-            ValueError: if `num_workers` was not given to the constructor.
-        """
-        return self.batches_in_epoch(self.start_epoch)
+    @property
+    def samples_per_reader(self) -> int:
+        """Samples each (rank, loader worker) reader yields per epoch."""
+        return self._quota
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         k, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        if self.num_workers is not None and max(self.num_workers, 1) != k:
-            raise ValueError(f"num_workers: ShardStream was built for {self.num_workers} loader "
-                             f"workers but is read by {k}")
-        epoch, cursor = self._resume_cursor(k)
+        if k != self._readers_per_rank:
+            raise ValueError(f"num_workers: ShardStream was built with num_workers={self.num_workers} "
+                             f"but is read with {info.num_workers if info else 0} loader workers; "
+                             "pass the DataLoader's num_workers to ShardStream")
+        epoch, cursor = self._resume_cursor()
         role = (worker + cursor) % k  # the worker of the unskipped stream this one replays
         reader = self.global_rank * k + role
         skip = max(0, -(-(cursor - role) // k))  # this role's batches before the cursor
@@ -130,14 +117,9 @@ class ShardStream(IterableDataset):
             yield from self._reader_epoch(epoch, k, role, reader, skip)
             epoch, skip = epoch + 1, 0
 
-    def _quota(self, epoch: int, k: int) -> int:
-        return reader_quota(self.index.shard_sizes, seed=self.seed, epoch=epoch,
-                            world_size=self.world_size, num_workers=k,
-                            micro_batch_size=self.micro_batch_size)
-
-    def _resume_cursor(self, k: int) -> tuple[int, int]:
+    def _resume_cursor(self) -> tuple[int, int]:
         """(epoch, batch) to start from; a cursor at an epoch's end moves to the next epoch."""
-        total = k * self._quota(self.start_epoch, k) // self.micro_batch_size
+        total = self.batches_per_epoch
         if self.start_batch > total:
             raise ValueError(f"start_batch: {self.start_batch} is past the end of epoch "
                              f"{self.start_epoch}, which has {total} batches on this rank")
@@ -149,7 +131,7 @@ class ShardStream(IterableDataset):
         """One reader's batches of `epoch`, the first `skip` of them dropped undecoded."""
         units = epoch_units(self.index.shard_sizes, seed=self.seed, epoch=epoch,
                             num_readers=self.world_size * k)[reader]
-        quota = self._quota(epoch, k)
+        quota = self._quota
         rng = epoch_rng("buffer", self.seed, epoch, reader)
         samples = islice(_shuffled(self._read_units(units), self.shuffle_buffer, rng), quota)
         for i in range(quota // self.micro_batch_size):

@@ -21,6 +21,7 @@ from difftrain_dist.distrib.checkpoint import find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay
 from difftrain_dist.distrib.worker import train_worker
+from difftrain_dist.quiet import quiet_env
 
 
 class RaySession:
@@ -59,12 +60,20 @@ def init_ray(address: str | None, num_cpus_needed: float) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    common = {"logging_level": logging.WARNING, "configure_logging": True, "include_dashboard": False}
+    common = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **common)
     else:
         num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999))
         ray.init(num_cpus=num_cpus, _temp_dir=tempfile.gettempdir() + "/ray", **common)
+
+
+def worker_env_vars(recipe: Recipe) -> dict[str, str]:
+    """Environment of the training workers: quiet library chatter unless the user set it."""
+    env = quiet_env()
+    if not recipe.distributed.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
 
 
 def build_trainer(recipe: Recipe, board) -> TorchTrainer:
@@ -84,6 +93,7 @@ def build_trainer(recipe: Recipe, board) -> TorchTrainer:
             storage_path=str(recipe.run.storage_path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            worker_runtime_env={"env_vars": worker_env_vars(recipe)},
         ),
     )
 

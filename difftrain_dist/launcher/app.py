@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from difftrain_dist.quiet import apply_quiet_env
+
 from difftrain_dist.launcher import checkpoints, export, models, sample, shards, train, worker
 
 app = typer.Typer(
@@ -24,4 +26,5 @@ app.add_typer(models.app, name="models")
 
 def main() -> None:
     """Console-script entry point."""
+    apply_quiet_env()
     app()

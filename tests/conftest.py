@@ -1,0 +1,27 @@
+"""Session-wide fixtures: the tiny SD1.5 model and shards of the scikit-image photographs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from difftrain_dist.data_shards import build_shards
+from difftrain_dist.data_shards.examples import write_example_folder
+from difftrain_dist.models import init_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_model(tmp_path_factory) -> Path:
+    """A tiny random SD1.5-architecture pipeline in diffusers format."""
+    return init_tiny("sd15", tmp_path_factory.mktemp("tiny-sd15"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory) -> Path:
+    """The scikit-image photographs with captions, as 64 px shards of 6 samples each."""
+    photos = tmp_path_factory.mktemp("photos")
+    write_example_folder(photos)
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(photos, out, resolution=64, samples_per_shard=6)
+    return out
