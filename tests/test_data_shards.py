@@ -155,9 +155,20 @@ def test_round_trip_metadata_captions_and_pixels(built, samples):
         assert meta["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
         assert meta["bucket"] == [RES, RES]
         assert s["pixels"].shape == (RES, RES, 3) and s["pixels"].dtype == np.uint8
-    by_source = {s["meta"]["source"]: s for s in samples}
-    assert (by_source["chelsea.png"]["meta"]["width"], by_source["chelsea.png"]["meta"]["height"]) == (451, 300)
-    assert (by_source["nested/deeper/hubble.jpg"]["meta"]["width"],) == (1000,)
+    meta = {s["meta"]["source"]: s["meta"] for s in samples}
+    assert (meta["chelsea.png"]["width"], meta["chelsea.png"]["height"]) == (451, 300)
+    hubble = meta["nested/deeper/hubble.jpg"]
+    assert (hubble["width"], hubble["height"]) == (1000, 872)
+
+
+def test_folder_without_usable_images_gives_an_empty_index(tmp_path):
+    _write(tmp_path / "src", "only.png", caption=False).write_bytes(b"")
+    index = build_shards(tmp_path / "src", tmp_path / "out", resolution=RES)
+    assert (index.num_samples, index.shards, index.buckets) == (0, [], {})
+    assert index.skipped[0]["source"] == "only.png" and "no caption" in index.skipped[0]["reason"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.json"]
+    with pytest.raises(ValueError, match="holds no samples"):
+        ShardStream(tmp_path / "out", micro_batch_size=1, global_rank=0, world_size=1, seed=0)
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -28,7 +28,7 @@ CAPTIONS = {
     "page.png": "a scan of a printed page of text",
     "text.png": "a photo of painted text on a wall",
     "horse.png": "a black silhouette of a horse",
-    "logo.png": "the scikit-image logo with a snake on a transparent background",
+    "logo.png": "the scikit-image logo, a snake drawn over an image of a microscope slide",
     "ihc.png": "a microscope photo of a stained tissue sample",
     "cell.png": "a microscope photo of a cell",
     "color.png": "a photo of colored plastic pieces",

@@ -127,7 +127,8 @@ class ShardStream(IterableDataset):
             return self.start_epoch + 1, 0
         return self.start_epoch, self.start_batch
 
-    def _reader_epoch(self, epoch: int, k: int, role: int, reader: int, skip: int) -> Iterator[dict[str, Any]]:
+    def _reader_epoch(self, epoch: int, k: int, role: int, reader: int,
+                      skip: int) -> Iterator[dict[str, Any]]:
         """One reader's batches of `epoch`, the first `skip` of them dropped undecoded."""
         units = epoch_units(self.index.shard_sizes, seed=self.seed, epoch=epoch,
                             num_readers=self.world_size * k)[reader]

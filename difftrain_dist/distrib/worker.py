@@ -182,6 +182,7 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> TrainState:
         seed=recipe.run.seed,
         start_epoch=state.epoch,
         start_batch=state.batch_in_epoch,
+        num_workers=recipe.data.loader_workers,
     )
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps
