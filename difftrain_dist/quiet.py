@@ -7,7 +7,6 @@ import os
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
-    "PYTHONWARNINGS": "ignore::FutureWarning",
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 import ray.train
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from difftrain_dist.config import Recipe
@@ -94,6 +94,7 @@ def build_trainer(recipe: Recipe, board) -> TorchTrainer:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": worker_env_vars(recipe)},
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

@@ -10,6 +10,7 @@ import logging
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,8 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> TrainState:
     Must run inside an initialised torch process group (gloo on CPU, NCCL on GPU).
     """
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed still calls the deprecated all_gather_into_tensor / reduce_scatter_tensor names.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     global_rank, world_size = dist.get_rank(), dist.get_world_size()
     trainee = setup_trainee(recipe, global_rank)
     state = resume_if_possible(trainee, recipe, global_rank)
