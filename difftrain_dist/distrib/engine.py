@@ -11,8 +11,8 @@ from difftrain_dist.config import Recipe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
-    """The DeepSpeed config dict for a recipe.
+def deepspeed_config(recipe: Recipe, *, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict for a recipe (`load_universal`: resume from a universal checkpoint).
 
     On GPU with a half-precision base model the frozen weights stay in that dtype, the LoRA weights
     in fp32, and DeepSpeed's own ``torch_autocast`` runs the forward pass in half precision: an
@@ -27,6 +27,8 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if train.max_grad_norm is not None:
         config["gradient_clipping"] = train.max_grad_norm
     if dist.use_gpu and recipe.model.dtype != "float32":
@@ -43,7 +45,7 @@ def lr_lambda(warmup_steps: int):
     return factor
 
 
-def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
+def build_engine(denoiser: torch.nn.Module, recipe: Recipe, *, load_universal: bool = False):
     """Wrap the LoRA-injected denoiser in a DeepSpeed engine with AdamW on its trainable parameters.
 
     The torch process group must already exist (Ray Train or torchrun/srun set it up).
@@ -63,6 +65,6 @@ def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
         model=denoiser,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(recipe),
+        config=deepspeed_config(recipe, load_universal=load_universal),
     )
     return engine, optimizer, scheduler

@@ -23,12 +23,14 @@ def _env_from_slurm() -> None:
             os.environ[torch_name] = os.environ[slurm]
 
 
-def run_local_worker(recipe: Recipe) -> Path | None:
+def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
     """Train this rank with `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT` from the environment
     (torchrun sets them; under srun `SLURM_PROCID`/`SLURM_NTASKS` are used).
 
     Returns:
-        On rank 0, the consolidated LoRA file `output_dir/<name>.safetensors`; None on other ranks.
+        (LoRA file, stopped early): on rank 0 the consolidated `output_dir/<name>.safetensors`,
+        None on other ranks; stopped early is True when SIGTERM/SIGUSR1 ended the run before
+        `train.max_steps` (its last checkpoint is saved; run again to continue).
 
     Raises:
         ValueError: the rendezvous variables are missing.
@@ -41,13 +43,14 @@ def run_local_worker(recipe: Recipe) -> Path | None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend="nccl" if recipe.distributed.use_gpu else "gloo")
     try:
-        train_worker(recipe, LocalSession())
+        result = train_worker(recipe, LocalSession())
         dist.barrier()
         if dist.get_rank() != 0:
-            return None
+            return None, result.stopped_early
         final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
         if final is None:
             raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")
-        return export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
+        path = export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
+        return path, result.stopped_early
     finally:
         dist.destroy_process_group()

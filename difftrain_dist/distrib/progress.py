@@ -15,10 +15,18 @@ from difftrain_dist.distrib.session import format_metrics
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Mailbox for step metrics: workers `push`, the driver `drain`s."""
+    """Mailbox between driver and workers: workers `push` metrics, the driver `drain`s them; the
+    driver `request_stop`s, workers poll `stop_requested`."""
 
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
+        self.stop = False
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
     def push(self, metrics: dict[str, Any]) -> None:
         self.items.append(metrics)

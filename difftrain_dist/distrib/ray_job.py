@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ from typing import Any
 import ray
 import ray.train
 import torch.distributed as dist
+import yaml
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -20,6 +25,7 @@ from difftrain_dist.config import Recipe
 from difftrain_dist.distrib.checkpoint import find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay
+from difftrain_dist.distrib.session import PREEMPTION_SIGNALS
 from difftrain_dist.distrib.worker import train_worker
 from difftrain_dist.quiet import quiet_env
 
@@ -30,9 +36,20 @@ class RaySession:
 
     def __init__(self, board):
         self.board = board
+        self._stop_ref = board.stop_requested.remote()
+        self._stopped = False
 
     def log(self, metrics: dict[str, Any]) -> None:
         self.board.push.remote(metrics)
+
+    def stop_requested(self) -> bool:
+        """Non-blocking: looks at the driver's answer only once it has arrived."""
+        if not self._stopped:
+            ready, _ = ray.wait([self._stop_ref], timeout=0)
+            if ready:
+                self._stopped = ray.get(ready[0])
+                self._stop_ref = self.board.stop_requested.remote()
+        return self._stopped
 
     def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
@@ -48,11 +65,13 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
 
 @dataclass
 class TrainingResult:
-    """What a finished run left behind."""
+    """What a run left behind."""
 
     lora_path: Path
     checkpoint: Path
     step: int
+    preempted: bool
+    """True when a stop signal ended the run before `train.max_steps` (re-run to continue)."""
 
 
 def init_ray(address: str | None, num_cpus_needed: float) -> None:
@@ -99,23 +118,72 @@ def build_trainer(recipe: Recipe, board) -> TorchTrainer:
     )
 
 
+@contextlib.contextmanager
+def stop_on_signals(board) -> Iterator[list[int]]:
+    """While inside, SIGTERM/SIGUSR1 to the driver ask the workers to stop after their current step
+    (they save a checkpoint first); a second signal interrupts at once. Yields the signals seen."""
+    seen: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+
+    def handle(signum, frame):
+        if seen:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        seen.append(signum)
+        print(f"received {signal.Signals(signum).name}: stopping after the current step with a checkpoint",
+              file=sys.stderr, flush=True)
+        board.request_stop.remote()
+
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, handle)
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def forget_ray_run_snapshot(run_dir: Path) -> None:
+    """Drop Ray Train's own checkpoint bookkeeping from an earlier job of this run.
+
+    Our checkpoint manager decides what to resume from and removes checkpoints (keep_last,
+    invalid ones set aside); Ray's snapshot would still list them and refuse to start.
+    """
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as name
+    except ImportError:  # the file name of Ray 2.4x-2.6x
+        name = "checkpoint_manager_snapshot.json"
+    (run_dir / name).unlink(missing_ok=True)
+
+
+def save_run_recipe(recipe: Recipe) -> Path:
+    """Write the recipe the run was started with to `run_dir/recipe.yaml` (read by `resume`)."""
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    path = recipe.run_dir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
 def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResult:
     """Train a recipe on Ray and consolidate the last checkpoint into `output_dir/<name>.safetensors`.
 
     Re-running the same recipe (same run name and storage path) resumes from the newest valid
-    checkpoint.
+    checkpoint. SIGTERM/SIGUSR1 stop the run after the current step with a checkpoint
+    (`TrainingResult.preempted`).
 
     Raises:
         ray.train.TrainingFailedError: a worker failed more often than `distributed.max_failures`.
         RuntimeError: training finished but left no valid checkpoint.
     """
     init_ray(recipe.distributed.address, recipe.distributed.num_workers * recipe.distributed.cpus_per_worker)
+    save_run_recipe(recipe)
+    forget_ray_run_snapshot(recipe.run_dir)
     board = ProgressBoard.remote()
     trainer = build_trainer(recipe, board)
-    with ProgressDisplay(board, recipe.train.max_steps, enabled=show_progress):
+    with stop_on_signals(board) as signals, ProgressDisplay(board, recipe.train.max_steps, enabled=show_progress):
         trainer.fit()
     final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
     if final is None:
         raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")
     lora_path = export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
-    return TrainingResult(lora_path=lora_path, checkpoint=final.path, step=final.step)
+    preempted = bool(signals) and final.step < recipe.train.max_steps
+    return TrainingResult(lora_path=lora_path, checkpoint=final.path, step=final.step, preempted=preempted)

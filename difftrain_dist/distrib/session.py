@@ -8,7 +8,9 @@ The train loop only talks to a :class:`WorkerSession`; Ray Train supplies one
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +22,9 @@ class WorkerSession(Protocol):
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Forward rank 0's step metrics to whoever shows progress."""
+
+    def stop_requested(self) -> bool:
+        """True once this rank was asked to stop (preemption); must not block."""
 
     def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
         """Move this rank's checkpoint files from `local_dir` to `run_dir/name` (all ranks call it)."""
@@ -34,11 +39,37 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     )
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""SIGTERM (Kubernetes, spot reclaim, scancel) and SIGUSR1 (Slurm's `--signal=USR1@seconds`)."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (handlers can only be installed from the main thread)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPTION_SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint",
+              file=sys.stderr, flush=True)
+
+
 class LocalSession:
-    """Session for launches without Ray (torchrun, srun): rank 0 prints, files are copied directly.
+    """Session for launches without Ray (torchrun, srun): rank 0 prints, files are copied directly,
+    SIGTERM/SIGUSR1 to any rank stops the job after the current step with a checkpoint.
 
     `run_dir` must be on storage every rank can see (a shared filesystem on multi-node launches).
     """
+
+    def __init__(self) -> None:
+        self.stop = StopFlag()
+
+    def stop_requested(self) -> bool:
+        return self.stop.requested
 
     def log(self, metrics: dict[str, Any]) -> None:
         print(format_metrics(metrics), file=sys.stderr, flush=True)

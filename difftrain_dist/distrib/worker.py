@@ -1,13 +1,16 @@
 """The per-worker train loop: batch → loss → backward → step → maybe checkpoint.
 
 It runs the same under Ray Train, torchrun or srun: the process group comes from the launcher
-(``RANK``/``WORLD_SIZE``/``MASTER_ADDR``), progress and checkpoints go through a WorkerSession.
+(``RANK``/``WORLD_SIZE``/``MASTER_ADDR``), progress, stop requests and checkpoint persistence go
+through a WorkerSession.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import tempfile
 import time
 import warnings
@@ -22,17 +25,12 @@ from torch.utils.data import DataLoader
 
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardStream
-from difftrain_dist.distrib.checkpoint import (
-    apply_retention,
-    checkpoint_name,
-    deepspeed_tag,
-    find_resume_checkpoint,
-    write_rank_manifest,
-)
+from difftrain_dist.distrib.checkpoint import apply_retention, checkpoint_name, deepspeed_tag, write_rank_manifest
 from difftrain_dist.distrib.engine import DTYPES, build_engine
 from difftrain_dist.distrib.export import write_checkpoint_lora
+from difftrain_dist.distrib.resume import ResumePlan, plan_resume, restore_rank_rng, resumed_state
 from difftrain_dist.distrib.session import WorkerSession
-from difftrain_dist.distrib.state import TrainState, capture_rng, restore_rng
+from difftrain_dist.distrib.state import TrainState, capture_rng
 from difftrain_dist.models import get_adapter, inject_lora, lora_config_dict
 
 log = logging.getLogger("difftrain_dist")
@@ -49,6 +47,15 @@ class Trainee:
     noise_generator: torch.Generator
 
 
+@dataclass
+class WorkerResult:
+    """How a rank's loop ended."""
+
+    state: TrainState
+    stopped_early: bool
+    """True when a stop was requested (preemption): the last checkpoint is at `state.step`."""
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (the same on every rank so LoRA initialisation matches)."""
     random.seed(seed)
@@ -56,7 +63,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_trainee(recipe: Recipe, global_rank: int) -> Trainee:
+def setup_trainee(recipe: Recipe, global_rank: int, *, load_universal: bool = False) -> Trainee:
     """Load the model through its adapter, inject LoRA and wrap the denoiser in DeepSpeed."""
     use_gpu = recipe.distributed.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
@@ -76,31 +83,9 @@ def setup_trainee(recipe: Recipe, global_rank: int) -> Trainee:
         dropout=recipe.lora.dropout,
     )
     adapter.denoiser.train()
-    engine, _, _ = build_engine(adapter.denoiser, recipe)
+    engine, _, _ = build_engine(adapter.denoiser, recipe, load_universal=load_universal)
     noise_generator = torch.Generator(device).manual_seed(recipe.run.seed * 1_000_003 + global_rank)
     return Trainee(adapter, engine, lora_config, device, noise_generator)
-
-
-def resume_if_possible(trainee: Trainee, recipe: Recipe, global_rank: int) -> TrainState:
-    """Load the newest valid checkpoint of the run (if any) and return the state to continue from."""
-    info, skipped = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
-    if global_rank == 0:
-        for bad in skipped:
-            log.warning("skipping %s: %s", bad.path.name, bad.reason)
-    if info is None:
-        return TrainState()
-    if info.world_size != dist.get_world_size():
-        raise ValueError(
-            f"{info.path} was written by {info.world_size} workers; this run has {dist.get_world_size()}"
-        )
-    trainee.engine.load_checkpoint(
-        str(info.path), tag=deepspeed_tag(info.step), load_module_strict=False
-    )
-    manifest = info.manifests[global_rank]
-    restore_rng(manifest["rng"], trainee.noise_generator)
-    if global_rank == 0:
-        log.warning("resumed from %s (step %d)", info.path.name, info.step)
-    return TrainState(**manifest["state"])
 
 
 def train_micro_batch(trainee: Trainee, batch: dict[str, Any]) -> float:
@@ -115,11 +100,11 @@ def train_micro_batch(trainee: Trainee, batch: dict[str, Any]) -> float:
     return float(loss.detach())
 
 
-def mean_over_ranks(value: float) -> float:
-    """All-reduce mean of a scalar over the process group."""
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+def reduce_step_stats(loss: float, stop: bool) -> tuple[float, bool]:
+    """One all-reduce per step: the mean loss over ranks, and whether any rank asked to stop."""
+    stats = torch.tensor([loss, float(stop)], dtype=torch.float64)
+    dist.all_reduce(stats)
+    return float(stats[0]) / dist.get_world_size(), bool(stats[1] > 0)
 
 
 def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: float, session) -> None:
@@ -143,6 +128,9 @@ def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: f
         "loss": loss,
         "state": state.to_dict(),
         "rng": capture_rng(trainee.noise_generator),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "saved_at": time.time(),
     }
     write_rank_manifest(local_dir, global_rank, manifest)
     session.persist_checkpoint(local_dir, recipe.run_dir, checkpoint_name(state.step), {"step": state.step})
@@ -153,9 +141,9 @@ def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: f
 class Throughput:
     """Samples/s and ETA over the steps since the last report."""
 
-    def __init__(self, samples_per_step: int):
+    def __init__(self, samples_per_step: int, start_step: int):
         self.samples_per_step = samples_per_step
-        self.last_time, self.last_step = time.perf_counter(), 0
+        self.last_time, self.last_step = time.perf_counter(), start_step
 
     def measure(self, step: int, max_steps: int) -> tuple[float, float]:
         now = time.perf_counter()
@@ -166,47 +154,70 @@ class Throughput:
         return rate, eta
 
 
-def train_worker(recipe: Recipe, session: WorkerSession) -> TrainState:
-    """Train until `train.max_steps`, checkpointing every `checkpoint.every_n_steps` (and at the end).
+def _load(trainee: Trainee, plan: ResumePlan, stream_batches: int) -> TrainState:
+    """Load the planned checkpoint into the engine and return the rank's state (fresh if none)."""
+    if plan.checkpoint is None:
+        return TrainState()
+    global_rank, world_size = dist.get_rank(), dist.get_world_size()
+    trainee.engine.load_checkpoint(
+        str(plan.load_dir), tag=deepspeed_tag(plan.checkpoint.step), load_module_strict=False
+    )
+    restore_rank_rng(plan, global_rank, trainee.noise_generator)
+    if global_rank == 0:
+        log.warning("resumed from %s (step %d)", plan.checkpoint.path.name, plan.checkpoint.step)
+    return resumed_state(plan, global_rank, world_size, stream_batches)
+
+
+def _stream(recipe: Recipe, state: TrainState | None = None) -> ShardStream:
+    state = state or TrainState()
+    return ShardStream(
+        recipe.data.shards,
+        micro_batch_size=recipe.data.micro_batch_size,
+        global_rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        seed=recipe.run.seed,
+        start_epoch=state.epoch,
+        start_batch=state.batch_in_epoch,
+        num_workers=recipe.data.loader_workers,
+    )
+
+
+def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
+    """Train until `train.max_steps`, checkpointing every `checkpoint.every_n_steps`, at the end,
+    and when a stop is requested (preemption). Resumes from the run's newest valid checkpoint.
 
     Must run inside an initialised torch process group (gloo on CPU, NCCL on GPU).
     """
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed still calls the deprecated all_gather_into_tensor / reduce_scatter_tensor names.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    global_rank, world_size = dist.get_rank(), dist.get_world_size()
-    trainee = setup_trainee(recipe, global_rank)
-    state = resume_if_possible(trainee, recipe, global_rank)
-    stream = ShardStream(
-        recipe.data.shards,
-        micro_batch_size=recipe.data.micro_batch_size,
-        global_rank=global_rank,
-        world_size=world_size,
-        seed=recipe.run.seed,
-        start_epoch=state.epoch,
-        start_batch=state.batch_in_epoch,
-        num_workers=recipe.data.loader_workers,
-    )
+    plan = plan_resume(recipe)
+    trainee = setup_trainee(recipe, dist.get_rank(), load_universal=plan.reshard)
+    state = _load(trainee, plan, _stream(recipe).batches_per_epoch)
+    stream = _stream(recipe, state)
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps
-    meter = Throughput(recipe.data.micro_batch_size * gas * world_size)
+    meter = Throughput(recipe.data.micro_batch_size * gas * dist.get_world_size(), state.step)
     loader = DataLoader(stream, batch_size=None, num_workers=recipe.data.loader_workers)
     losses: list[float] = []
+    stop = False
     for batch in _batches(loader, state.step, train.max_steps, gas):
         losses.append(train_micro_batch(trainee, batch))
         state.advance(batch["epoch"], batch["batch_in_epoch"], len(batch["captions"]), stream.batches_per_epoch)
         if len(losses) < gas:
             continue
         state.step += 1
-        loss = mean_over_ranks(sum(losses) / len(losses))
+        loss, stop = reduce_step_stats(sum(losses) / len(losses), session.stop_requested())
         losses.clear()
-        if global_rank == 0 and (state.step % train.log_every_n_steps == 0 or state.step == train.max_steps):
+        if dist.get_rank() == 0 and (state.step % train.log_every_n_steps == 0 or state.step == train.max_steps):
             rate, eta = meter.measure(state.step, train.max_steps)
             session.log({"step": state.step, "max_steps": train.max_steps, "loss": loss,
                          "samples_per_s": rate, "eta_s": eta, "lr": trainee.engine.get_lr()[0]})
-        if state.step % ckpt.every_n_steps == 0 or state.step == train.max_steps:
+        if stop or state.step % ckpt.every_n_steps == 0 or state.step == train.max_steps:
             save_checkpoint(trainee, recipe, state, loss, session)
-    return state
+        if stop:
+            break
+    return WorkerResult(state, stopped_early=stop and state.step < train.max_steps)
 
 
 def _batches(loader: DataLoader, start_step: int, max_steps: int, gas: int):

@@ -16,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("train")(train.train)
+app.command("resume")(train.resume)
 app.command("export")(export.export)
 app.command("checkpoints")(checkpoints.checkpoints)
 app.command("sample")(sample.sample)

@@ -10,6 +10,8 @@ from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+"""Stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL): run again to continue."""
 
 
 @contextlib.contextmanager

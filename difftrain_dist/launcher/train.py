@@ -1,4 +1,4 @@
-"""`difftrain-dist train RECIPE`: validate a recipe and run it on Ray Train."""
+"""`difftrain-dist train RECIPE` and `difftrain-dist resume RUN_DIR`: run a recipe on Ray Train."""
 
 from __future__ import annotations
 
@@ -7,28 +7,59 @@ from typing import Annotated
 
 import typer
 
-from difftrain_dist.config import load_recipe
-from difftrain_dist.launcher.common import console, user_errors
+from difftrain_dist.config import Recipe, load_recipe
+from difftrain_dist.launcher.common import EXIT_PREEMPTED, console, user_errors
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe field, e.g. --set train.lr=2e-4 (repeatable)."),
+]
+AddressOption = Annotated[
+    str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local one).")
+]
+ProgressOption = Annotated[bool, typer.Option(help="Show live step / loss / samples/s / ETA.")]
 
 
 def train(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (see configs/).")],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a recipe field, e.g. --set train.lr=2e-4 (repeatable)."),
-    ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local one).")
-    ] = None,
-    progress: Annotated[bool, typer.Option(help="Show live step / loss / samples/s / ETA.")] = True,
+    set_: SetOption = None,
+    address: AddressOption = None,
+    progress: ProgressOption = True,
 ) -> None:
-    """Train a LoRA. Re-running with the same run name and storage path resumes from the newest
-    valid checkpoint; the LoRA ends up in `<run.output_dir>/<run.name>.safetensors`."""
+    """Train a LoRA; the file ends up in `<run.output_dir>/<run.name>.safetensors`.
+
+    Re-running with the same run name and storage path resumes from the newest valid checkpoint.
+    SIGTERM or SIGUSR1 stop after the current step with a checkpoint and exit with status 75.
+    """
     overrides = list(set_ or [])
     if address:
         overrides.append(f"distributed.address={address}")
     with user_errors():
         cfg = load_recipe(recipe, overrides)
+    run(cfg, progress)
+
+
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder: <storage_path>/<run name>.")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Continue a run from its newest valid checkpoint with the recipe it was started with
+    (`RUN_DIR/recipe.yaml`); `--set` may change e.g. train.max_steps or distributed.num_workers."""
+    run_dir = run_dir.resolve()
+    overrides = [f"run.storage_path={run_dir.parent}", f"run.name={run_dir.name}", *(set_ or [])]
+    if address:
+        overrides.append(f"distributed.address={address}")
+    with user_errors():
+        if not (run_dir / "recipe.yaml").is_file():
+            raise ValueError(f"{run_dir} has no recipe.yaml: is it a run folder made by `difftrain-dist train`?")
+        cfg = load_recipe(run_dir / "recipe.yaml", overrides)
+    run(cfg, progress)
+
+
+def run(cfg: Recipe, progress: bool) -> None:
+    """Run a validated recipe and report the result; exit 75 when stopped by a signal."""
     from difftrain_dist.distrib.ray_job import run_training
 
     console.print(
@@ -38,3 +69,7 @@ def train(
     with user_errors():
         result = run_training(cfg, show_progress=progress)
     console.print(f"LoRA written: [bold]{result.lora_path}[/bold] (step {result.step}, from {result.checkpoint})")
+    if result.preempted:
+        console.print(f"[yellow]stopped at step {result.step} of {cfg.train.max_steps}[/yellow]; "
+                      f"run the same command again or `difftrain-dist resume {cfg.run_dir}` to continue")
+        raise typer.Exit(EXIT_PREEMPTED)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftrain_dist.config import load_recipe
-from difftrain_dist.launcher.common import console, user_errors
+from difftrain_dist.launcher.common import EXIT_PREEMPTED, console, user_errors
 
 
 def worker(
@@ -21,6 +21,8 @@ def worker(
         cfg = load_recipe(recipe, list(set_ or []))
         from difftrain_dist.distrib.local_launch import run_local_worker
 
-        path = run_local_worker(cfg)
+        path, stopped_early = run_local_worker(cfg)
     if path is not None:
         console.print(f"LoRA written: [bold]{path}[/bold]")
+    if stopped_early:
+        raise typer.Exit(EXIT_PREEMPTED)

@@ -1,0 +1,168 @@
+"""Exact resume with real processes: SIGTERM, SIGKILL, corrupted checkpoints, fewer workers.
+
+Every interrupted run must end with the same LoRA as the uninterrupted reference run with the same
+seed and world size (max abs diff ≤ 1e-6, fp32, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from difftrain_dist.distrib.checkpoint import checkpoint_name, inspect_checkpoint, list_checkpoints
+from difftrain_dist.models import read_lora_file
+
+pytestmark = pytest.mark.slow
+EXACT = 1e-6
+MAX_STEPS, EVERY = 12, 3
+
+
+def recipe_dict(model: Path, shards: Path, storage: Path, **train) -> dict:
+    return {
+        "run": {"name": "rs", "seed": 11, "output_dir": str(storage / "out"), "storage_path": str(storage)},
+        "model": {"arch": "sd15", "path": str(model)},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {"shards": str(shards), "resolution": 64, "micro_batch_size": 2},
+        "train": {"max_steps": MAX_STEPS, "lr": 1e-2, **train},
+        "distributed": {"num_workers": 2, "zero_stage": 2, "max_failures": 1},
+        "checkpoint": {"every_n_steps": EVERY, "keep_last": None},
+    }
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "difftrain_dist", *args]
+
+
+def torchrun(nproc: int, port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(port), "-m", "difftrain_dist", *args]
+
+
+def run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> dict:
+    """Poll until checkpoint `step` is complete; returns its rank_1.json."""
+    manifest = run_dir / checkpoint_name(step) / "rank_1.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if inspect_checkpoint(run_dir / checkpoint_name(step)).valid if manifest.exists() else False:
+            return json.loads(manifest.read_text())
+        assert proc.poll() is None, f"run ended before checkpoint {step}"
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint {step} after {timeout} s")
+
+
+def assert_same_lora(a: Path, b: Path) -> None:
+    ta, _ = read_lora_file(a)
+    tb, _ = read_lora_file(b)
+    assert ta.keys() == tb.keys() and ta
+    worst = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+    assert worst <= EXACT, f"max abs diff {worst}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_sd15_model, photo_shards) -> Path:
+    """The uninterrupted run; returns its storage folder (run folder `rs`, LoRA in out/)."""
+    storage = tmp_path_factory.mktemp("reference")
+    (storage / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, storage)))
+    run(cli("train", "r.yaml", "--no-progress"), storage)
+    assert [c.step for c in list_checkpoints(storage / "rs") if c.valid] == [3, 6, 9, 12]
+    return storage
+
+
+def test_sigterm_to_driver_stops_with_checkpoint_then_resume_is_exact(reference, tmp_path, tiny_sd15_model,
+                                                                     photo_shards):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, tmp_path)))
+    proc = subprocess.Popen(cli("train", "r.yaml", "--no-progress"), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(tmp_path / "rs", EVERY, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-4000:]
+    assert "stopping after the current step" in err
+    stopped = [c for c in list_checkpoints(tmp_path / "rs") if c.valid][-1]
+    assert EVERY < stopped.step < MAX_STEPS, "the stop did not save the step it reached"
+    resumed = run(cli("resume", str(tmp_path / "rs"), "--no-progress"), tmp_path)
+    assert f"resumed from {stopped.path.name}" in resumed.stderr
+    assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
+
+
+def test_sigkill_of_rank_1_restarts_the_worker_group_and_resume_is_exact(reference, tmp_path, tiny_sd15_model,
+                                                                        photo_shards):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, tmp_path)))
+    proc = subprocess.Popen(cli("train", "r.yaml", "--no-progress"), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = wait_for_checkpoint(tmp_path / "rs", EVERY, proc)
+    os.kill(rank1["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-6000:]
+    assert "resumed from checkpoint_" in err, "Ray did not restart the workers from a checkpoint"
+    assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
+
+
+def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference, tmp_path):
+    run_dir = tmp_path / "rs"
+    shutil.copytree(reference / "rs", run_dir)
+    shard = next((run_dir / checkpoint_name(12)).rglob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated shard
+    (run_dir / checkpoint_name(9) / "rank_1.json").unlink()  # a rank never finished saving
+    manifest = run_dir / checkpoint_name(6) / "rank_0.json"  # written under another recipe
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "recipe_hash": "0" * 64}))
+    proc = run(cli("resume", str(run_dir), "--no-progress", "--set", f"run.output_dir={tmp_path / 'out'}"),
+               tmp_path)
+    assert "checkpoint_000000012: zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in proc.stderr
+    assert "checkpoint_000000009: missing rank_1.json" in proc.stderr
+    assert "checkpoint_000000006: recipe hash differs" in proc.stderr
+    assert "resumed from checkpoint_000000003" in proc.stderr
+    set_aside = sorted(p.name.split(".")[0] for p in run_dir.glob("checkpoint_*.invalid-*"))
+    assert set_aside == [checkpoint_name(6), checkpoint_name(9), checkpoint_name(12)]
+    assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
+
+
+def test_resume_on_fewer_workers_reshards_the_checkpoint(reference, tmp_path):
+    """2 → 1 worker under torchrun with lr 0: the weights after one step are exactly the
+    checkpoint's, so DeepSpeed's universal re-sharding restored every LoRA parameter."""
+    run_dir = tmp_path / "rs"
+    run_dir.mkdir()
+    shutil.copytree(reference / "rs" / checkpoint_name(6), run_dir / checkpoint_name(6))
+    shutil.copy(reference / "rs" / "recipe.yaml", run_dir / "recipe.yaml")
+    proc = run(torchrun(1, 29531, "worker", str(run_dir / "recipe.yaml"),
+                        "--set", f"run.storage_path={tmp_path}", "--set", f"run.output_dir={tmp_path / 'out'}",
+                        "--set", "distributed.num_workers=1", "--set", "train.max_steps=7",
+                        "--set", "train.lr=0"), tmp_path)
+    assert "re-sharding checkpoint_000000006 from 2 to 1 workers" in proc.stderr
+    info = inspect_checkpoint(run_dir / checkpoint_name(7))
+    assert info.valid and info.world_size == 1
+    assert_same_lora(run_dir / checkpoint_name(7) / "lora.safetensors",
+                     reference / "rs" / checkpoint_name(6) / "lora.safetensors")
+
+
+def test_torchrun_sigterm_to_rank_1_then_resume_matches_the_ray_run(reference, tmp_path, tiny_sd15_model,
+                                                                    photo_shards):
+    """Without Ray: SIGTERM to one rank stops every rank with a checkpoint; the resumed run ends
+    exactly where the Ray run did (same worker loop, same seed, same world size)."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, tmp_path)))
+    proc = subprocess.Popen(torchrun(2, 29533, "worker", "r.yaml"), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = wait_for_checkpoint(tmp_path / "rs", EVERY, proc)
+    os.kill(rank1["pid"], signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "received SIGTERM" in err, err[-4000:]
+    stopped = [c for c in list_checkpoints(tmp_path / "rs") if c.valid][-1]
+    assert EVERY < stopped.step < MAX_STEPS
+    run(torchrun(2, 29535, "worker", "r.yaml"), tmp_path)
+    assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
