@@ -124,7 +124,7 @@ def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference,
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "recipe_hash": "0" * 64}))
     proc = run(cli("resume", str(run_dir), "--no-progress", "--set", f"run.output_dir={tmp_path / 'out'}"),
                tmp_path)
-    assert "checkpoint_000000012: zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in proc.stderr
+    assert "checkpoint_000000012: step_000000012/zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in proc.stderr
     assert "checkpoint_000000009: missing rank_1.json" in proc.stderr
     assert "checkpoint_000000006: recipe hash differs" in proc.stderr
     assert "resumed from checkpoint_000000003" in proc.stderr
