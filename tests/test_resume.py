@@ -21,6 +21,8 @@ import yaml
 from difftrain_dist.distrib.checkpoint import checkpoint_name, inspect_checkpoint, list_checkpoints
 from difftrain_dist.models import read_lora_file
 
+from .procs import free_port
+
 pytestmark = pytest.mark.slow
 EXACT = 1e-6
 MAX_STEPS, EVERY = 12, 3
@@ -42,9 +44,9 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "difftrain_dist", *args]
 
 
-def torchrun(nproc: int, port: int, *args: str) -> list[str]:
+def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(port), "-m", "difftrain_dist", *args]
+            "--master-port", str(free_port()), "-m", "difftrain_dist", *args]
 
 
 def run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
@@ -140,7 +142,7 @@ def test_resume_on_fewer_workers_reshards_the_checkpoint(reference, tmp_path):
     run_dir.mkdir()
     shutil.copytree(reference / "rs" / checkpoint_name(6), run_dir / checkpoint_name(6))
     shutil.copy(reference / "rs" / "recipe.yaml", run_dir / "recipe.yaml")
-    proc = run(torchrun(1, 29531, "worker", str(run_dir / "recipe.yaml"),
+    proc = run(torchrun(1, "worker", str(run_dir / "recipe.yaml"),
                         "--set", f"run.storage_path={tmp_path}", "--set", f"run.output_dir={tmp_path / 'out'}",
                         "--set", "distributed.num_workers=1", "--set", "train.max_steps=7",
                         "--set", "train.lr=0"), tmp_path)
@@ -156,7 +158,7 @@ def test_torchrun_sigterm_to_rank_1_then_resume_matches_the_ray_run(reference, t
     """Without Ray: SIGTERM to one rank stops every rank with a checkpoint; the resumed run ends
     exactly where the Ray run did (same worker loop, same seed, same world size)."""
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, tmp_path)))
-    proc = subprocess.Popen(torchrun(2, 29533, "worker", "r.yaml"), cwd=tmp_path,
+    proc = subprocess.Popen(torchrun(2, "worker", "r.yaml"), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rank1 = wait_for_checkpoint(tmp_path / "rs", EVERY, proc)
     os.kill(rank1["pid"], signal.SIGTERM)
@@ -164,5 +166,5 @@ def test_torchrun_sigterm_to_rank_1_then_resume_matches_the_ray_run(reference, t
     assert proc.returncode != 0 and "received SIGTERM" in err, err[-4000:]
     stopped = [c for c in list_checkpoints(tmp_path / "rs") if c.valid][-1]
     assert EVERY < stopped.step < MAX_STEPS
-    run(torchrun(2, 29535, "worker", "r.yaml"), tmp_path)
+    run(torchrun(2, "worker", "r.yaml"), tmp_path)
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")

@@ -18,6 +18,7 @@ from difftrain_dist.distrib.checkpoint import list_checkpoints
 from difftrain_dist.models import read_lora_file
 
 from .lora_checks import hand_merged_unet, unet_output
+from .procs import free_port
 
 pytestmark = pytest.mark.slow
 # fp32 on CPU: LoRA applied by diffusers vs merged into the weights differ by summation order only.
@@ -128,7 +129,7 @@ def test_torchrun_worker_zero3_without_ray(tmp_path, tiny_sd15_model, photo_shar
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "difftrain_dist", "worker", "r.yaml"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
@@ -139,3 +140,14 @@ def test_torchrun_worker_zero3_without_ray(tmp_path, tiny_sd15_model, photo_shar
     assert exported.keys() == in_memory.keys() and len(exported) > 0
     for key, value in exported.items():
         torch.testing.assert_close(value, in_memory[key], atol=0, rtol=0)
+
+
+def test_rerunning_the_recipe_resumes_after_pruned_checkpoints(trained_run):
+    """keep_last pruned checkpoint 2; running the same recipe with more steps continues from 4."""
+    work, _ = trained_run
+    proc = run_cli("train", "recipe.yaml", "--set", "train.max_steps=6", "--no-progress", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "resumed from checkpoint_000000004 (step 4)" in proc.stderr
+    assert [(c.step, c.valid) for c in list_checkpoints(work / "runs" / "tiny")] == [(6, True)]
+    _, header = read_lora_file(work / "out" / "tiny.safetensors")
+    assert header["ss_steps"] == "6"

@@ -17,6 +17,9 @@ def checkpoints(
     """List checkpoints: step, valid or why not, size, loss."""
     from difftrain_dist.distrib.checkpoint import list_checkpoints
 
+    if not run_dir.is_dir():
+        console.print(f"[red]error:[/red] no such run folder: {run_dir}")
+        raise typer.Exit(2)
     infos = list_checkpoints(run_dir)
     if not infos:
         console.print(f"no checkpoints in {run_dir}")

@@ -18,7 +18,9 @@ def sample(
     arch: Annotated[str, typer.Option(help="Model architecture.")] = "sd15",
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    resolution: Annotated[
+        int | None, typer.Option(help="Image side in pixels (default: the model's native size).")
+    ] = None,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
 ) -> None:
     """Render one image per PROMPT with the model's pipeline (and LoRA) into a PNG grid."""

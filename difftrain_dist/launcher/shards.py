@@ -9,7 +9,7 @@ import typer
 
 from difftrain_dist.launcher.common import console, user_errors
 
-app = typer.Typer(help="Build WebDataset shards from image folders.", no_args_is_help=True)
+app = typer.Typer(help="Build WebDataset shards from image folders.", no_args_is_help=True, rich_markup_mode="markdown")
 
 
 @app.command("build")

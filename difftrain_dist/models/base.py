@@ -180,7 +180,7 @@ def load_component(loader: Any, path: str, subfolder: str, **kwargs: Any) -> Any
 def freeze(module: torch.nn.Module, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """Move `module` to `device`/`dtype`, put it in eval mode and turn off requires_grad.
 
-    Diffusers models should already be loaded in `dtype` (`torch_dtype=`): diffusers warns when
+    Diffusers models should already be loaded in `dtype` (`dtype=`): diffusers warns when
     `.to(dtype)` casts a model that has modules to keep in float32.
     """
     module.to(device=device)

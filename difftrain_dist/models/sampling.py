@@ -16,7 +16,7 @@ def render_samples(
     lora: Path | None = None,
     seed: int = 0,
     steps: int = 20,
-    resolution: int = 512,
+    resolution: int | None = None,
     guidance_scale: float = 7.5,
     device: str = "cpu",
 ) -> list[Image.Image]:
@@ -26,12 +26,13 @@ def render_samples(
         lora: a LoRA `.safetensors` file, loaded with the pipeline's `load_lora_weights`.
         seed: seeds the initial latents (same seed, same noise with and without the LoRA).
         steps: denoising steps of the pipeline's scheduler.
-        resolution: image side in pixels (multiple of the VAE scale factor).
+        resolution: image side in pixels (multiple of the VAE scale factor); None uses the
+            model's native size (UNet sample size × VAE scale factor).
 
     Returns:
-        PIL RGB images of `resolution`×`resolution`.
+        PIL RGB images, square.
     """
-    pipe = pipeline_class.from_pretrained(model_path, torch_dtype=torch.float32).to(device)
+    pipe = pipeline_class.from_pretrained(model_path, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(str(lora))

@@ -73,8 +73,8 @@ class SD15Adapter(DiffusionAdapter):
         noise_scheduler = load_noise_scheduler(path, prediction_type)
         tokenizer = load_component(CLIPTokenizer, path, "tokenizer")
         text_encoder = load_component(CLIPTextModel, path, "text_encoder")
-        vae = load_component(AutoencoderKL, path, "vae", torch_dtype=dtype)
-        unet = load_component(UNet2DConditionModel, path, "unet", torch_dtype=dtype)
+        vae = load_component(AutoencoderKL, path, "vae", dtype=dtype)
+        unet = load_component(UNet2DConditionModel, path, "unet", dtype=dtype)
         for module in (text_encoder, vae, unet):
             freeze(module, dtype=dtype, device=device)
         return cls(
