@@ -42,5 +42,8 @@ test-fast: install
 bench: install
 	$(BIN)/python -m benchmarks
 
+lint: install
+	$(BIN)/ruff check difftrain_dist tests benchmarks
+
 clean:
 	rm -rf build .pytest_cache

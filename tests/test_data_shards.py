@@ -337,7 +337,7 @@ def test_same_seed_same_order_new_epoch_new_order(uneven):
 
 def _same_batches(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert (g["epoch"], g["batch_in_epoch"], g["captions"], g["keys"]) == (
             w["epoch"], w["batch_in_epoch"], w["captions"], w["keys"])
         assert torch.equal(g["pixel_values"], w["pixel_values"])

@@ -136,8 +136,9 @@ def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference,
 
 
 def test_resume_on_fewer_workers_reshards_the_checkpoint(reference, tmp_path):
-    """2 → 1 worker under torchrun with lr 0: the weights after one step are exactly the
-    checkpoint's, so DeepSpeed's universal re-sharding restored every LoRA parameter."""
+    """2 → 1 worker under torchrun with lr 1e-30 (an AdamW step then moves no fp32 weight): the
+    weights after one step are exactly the checkpoint's, so DeepSpeed's universal re-sharding
+    restored every LoRA parameter."""
     run_dir = tmp_path / "rs"
     run_dir.mkdir()
     shutil.copytree(reference / "rs" / checkpoint_name(6), run_dir / checkpoint_name(6))
@@ -145,7 +146,7 @@ def test_resume_on_fewer_workers_reshards_the_checkpoint(reference, tmp_path):
     proc = run(torchrun(1, "worker", str(run_dir / "recipe.yaml"),
                         "--set", f"run.storage_path={tmp_path}", "--set", f"run.output_dir={tmp_path / 'out'}",
                         "--set", "distributed.num_workers=1", "--set", "train.max_steps=7",
-                        "--set", "train.lr=0"), tmp_path)
+                        "--set", "train.lr=1e-30"), tmp_path)
     assert "re-sharding checkpoint_000000006 from 2 to 1 workers" in proc.stderr
     info = inspect_checkpoint(run_dir / checkpoint_name(7))
     assert info.valid and info.world_size == 1

@@ -106,7 +106,7 @@ def test_export_kohya_and_sample_cli(trained_run, tiny_sd15_model):
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in tensors)
     for lora in ("out/tiny.safetensors", "tiny_kohya.safetensors"):
         proc = run_cli("sample", str(tiny_sd15_model), "a photo of a cat", "--lora", lora,
-                       "--steps", "2", "--out", f"{lora}.png", cwd=work)
+                       "--steps", "2", "--resolution", "64", "--out", f"{lora}.png", cwd=work)
         assert proc.returncode == 0, proc.stderr[-3000:]
     from PIL import Image
 

@@ -154,7 +154,7 @@ def _read_caption(image: Path, caption_ext: str, default_caption: str | None) ->
     try:
         return caption_path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        raise _SkipInput(f"caption file {caption_path.name} is not UTF-8 ({exc.reason} at byte {exc.start})")
+        raise _SkipInput(f"caption file {caption_path.name} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def _prepare_sample(path: Path, rel: str, bucket: tuple[int, int], caption_ext: str,

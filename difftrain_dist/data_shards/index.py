@@ -50,7 +50,7 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def _item(record: object, field_name: str) -> Any:
-    if field_name not in getattr(record, "__dataclass_fields__"):
+    if field_name not in record.__dataclass_fields__:
         raise KeyError(field_name)
     return getattr(record, field_name)
 
@@ -154,7 +154,7 @@ class ShardIndex:
             raise ValueError(f"{path}: not a valid JSON shard index ({exc})") from exc
         index = _from_dict(doc, path)
         index.root = path.parent
-        for i, shard in enumerate(index.shards):
+        for i in range(len(index.shards)):
             if not index.shard_path(i).is_file():
                 raise ValueError(f"{path}: shards[{i}] file {index.shard_path(i)} does not exist")
         return index

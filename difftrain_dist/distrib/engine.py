@@ -68,3 +68,14 @@ def build_engine(denoiser: torch.nn.Module, recipe: Recipe, *, load_universal: b
         config=deepspeed_config(recipe, load_universal=load_universal),
     )
     return engine, optimizer, scheduler
+
+
+def apply_recipe_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Make a scheduler restored from a checkpoint follow the recipe's (possibly changed) peak lr.
+
+    Loading a checkpoint restores `base_lrs` and the param groups' lr of the run that saved it;
+    the recipe's `train.lr` wins, at the schedule position the checkpoint reached.
+    """
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(scheduler.last_epoch)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardStream
 from difftrain_dist.distrib.checkpoint import apply_retention, checkpoint_name, deepspeed_tag, write_rank_manifest
-from difftrain_dist.distrib.engine import DTYPES, build_engine
+from difftrain_dist.distrib.engine import DTYPES, apply_recipe_lr, build_engine
 from difftrain_dist.distrib.export import write_checkpoint_lora
 from difftrain_dist.distrib.resume import ResumePlan, plan_resume, restore_rank_rng, resumed_state
 from difftrain_dist.distrib.session import WorkerSession
@@ -154,7 +154,7 @@ class Throughput:
         return rate, eta
 
 
-def _load(trainee: Trainee, plan: ResumePlan, stream_batches: int) -> TrainState:
+def _load(trainee: Trainee, recipe: Recipe, plan: ResumePlan, stream_batches: int) -> TrainState:
     """Load the planned checkpoint into the engine and return the rank's state (fresh if none)."""
     if plan.checkpoint is None:
         return TrainState()
@@ -162,6 +162,7 @@ def _load(trainee: Trainee, plan: ResumePlan, stream_batches: int) -> TrainState
     trainee.engine.load_checkpoint(
         str(plan.load_dir), tag=deepspeed_tag(plan.checkpoint.step), load_module_strict=False
     )
+    apply_recipe_lr(trainee.engine.lr_scheduler, recipe.train.lr)
     restore_rank_rng(plan, global_rank, trainee.noise_generator)
     if global_rank == 0:
         log.warning("resumed from %s (step %d)", plan.checkpoint.path.name, plan.checkpoint.step)
@@ -193,7 +194,7 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     plan = plan_resume(recipe)
     trainee = setup_trainee(recipe, dist.get_rank(), load_universal=plan.reshard)
-    state = _load(trainee, plan, _stream(recipe).batches_per_epoch)
+    state = _load(trainee, recipe, plan, _stream(recipe).batches_per_epoch)
     stream = _stream(recipe, state)
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps

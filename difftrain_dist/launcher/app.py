@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from difftrain_dist.quiet import apply_quiet_env
-
 from difftrain_dist.launcher import checkpoints, export, models, sample, shards, train, worker
+from difftrain_dist.quiet import apply_quiet_env
 
 app = typer.Typer(
     name="difftrain-dist",

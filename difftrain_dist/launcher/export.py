@@ -13,7 +13,9 @@ from difftrain_dist.launcher.common import console, user_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint_<step> folder of a run.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
-    format: Annotated[str, typer.Option("--format", help="diffusers (default) or kohya (ComfyUI, A1111).")] = "diffusers",
+    format: Annotated[
+        str, typer.Option("--format", help="diffusers (default) or kohya (ComfyUI, A1111).")
+    ] = "diffusers",
 ) -> None:
     """Consolidate a checkpoint's DeepSpeed shards into one safetensors LoRA file."""
     from difftrain_dist.distrib.export import export_checkpoint

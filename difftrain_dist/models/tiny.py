@@ -20,6 +20,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # CLIP/GPT-2 byte table
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -33,27 +34,6 @@ _TINY_MERGES: tuple[tuple[str, str], ...] = (
     ("i", "n"),
     ("e", "r</w>"),
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """Map every byte 0..255 to a printable unicode character.
-
-    Source: OpenAI CLIP `simple_tokenizer.py` (`bytes_to_unicode`), the same table GPT-2 uses;
-    printable Latin-1 bytes map to themselves, the rest to code points from 256 upwards.
-    """
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    code_points = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            code_points.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in code_points)))
 
 
 def tiny_clip_vocab() -> tuple[dict[str, int], list[str]]:
