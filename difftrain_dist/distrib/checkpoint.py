@@ -13,13 +13,14 @@ and with the run's recipe hash, and every file they list has the recorded sha256
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from difftrain_dist.data_shards.index import sha256_file
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9})$")
 RANK_FILE = re.compile(r"^rank_(\d+)\.json$")
@@ -35,15 +36,6 @@ def checkpoint_name(step: int) -> str:
 def deepspeed_tag(step: int) -> str:
     """The DeepSpeed tag (sub-folder) used for the checkpoint at `step`."""
     return f"step_{step:09d}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_rank_manifest(local_dir: Path, global_rank: int, state: dict[str, Any]) -> Path:
