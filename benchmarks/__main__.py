@@ -1,6 +1,6 @@
 """`python -m benchmarks` (make bench): run every benchmark; JSON results land in build/bench/."""
 
-from benchmarks import checkpoint
+from benchmarks import checkpoint, data_loader
 
-for bench in (checkpoint,):
+for bench in (data_loader, checkpoint):
     bench.main()
