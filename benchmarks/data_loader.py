@@ -52,7 +52,8 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         photos, shards = Path(tmp) / "photos", Path(tmp) / "shards"
         write_example_folder(photos)
-        build_shards(photos, shards, resolution=RESOLUTION, samples_per_shard=8)
+        # square buckets only (max_aspect 1), the same crops the PIL baseline makes
+        build_shards(photos, shards, resolution=RESOLUTION, samples_per_shard=8, max_aspect=1.0)
         stream = ShardStream(shards, micro_batch_size=BATCH, global_rank=0, world_size=1, seed=0)
         ours = samples_per_s(iter(stream))
         baseline = samples_per_s(pil_folder_batches(photos, RESOLUTION, BATCH))

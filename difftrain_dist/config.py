@@ -23,13 +23,15 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 class RunSection(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: names the checkpoint folder and the LoRA file; reuse it to resume."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     """Seed for LoRA initialisation, data order and noise sampling."""
     output_dir: Path = Path("outputs")
     """Folder that receives `<name>.safetensors` at the end of the run."""
@@ -50,7 +52,12 @@ class ModelSection(_Section):
     @field_validator("path")
     @classmethod
     def _path_exists_or_hub_id(cls, value: str) -> str:
-        if Path(value).expanduser().is_dir() or (HUB_ID.match(value) and not Path(value).exists()):
+        local = Path(value).expanduser()
+        if local.is_dir():
+            if not (local / "model_index.json").is_file():
+                raise ValueError(f"{value!r} is a folder but not a diffusers model (no model_index.json)")
+            return value
+        if HUB_ID.match(value) and not Path(value.split("/")[0]).exists():
             return value
         raise ValueError(f"no diffusers model folder at {value!r} (and it is not a hub id 'org/name')")
 
@@ -60,7 +67,7 @@ class LoraSection(_Section):
     """LoRA rank r (inner dimension of lora_A / lora_B)."""
     alpha: float = Field(16.0, gt=0)
     """LoRA alpha; the update is scaled by alpha / rank."""
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = Field(None, min_length=1)
     """Module names that receive LoRA; None uses the architecture's default attention projections."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout probability on the LoRA input."""
@@ -69,12 +76,20 @@ class LoraSection(_Section):
 class DataSection(_Section):
     shards: Path
     """Folder holding `index.json` and `shard-*.tar` written by `difftrain-dist shards build`."""
-    resolution: int = Field(512, ge=64, multiple_of=8)
-    """Training resolution in pixels (square side); must match the shards."""
+    resolution: int | None = Field(None, ge=64, multiple_of=8)
+    """Bucket resolution in pixels (√area) the shards were built at; None takes the shards' largest."""
     micro_batch_size: int = Field(1, ge=1)
     """Samples per rank per forward pass."""
     loader_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank (0 decodes in the training process)."""
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability (0-1) that a sample's caption is replaced by "" in an epoch."""
+    shuffle_captions: bool = False
+    """Shuffle each caption's comma-separated tags every epoch (after the first `keep_tokens`)."""
+    keep_tokens: int = Field(0, ge=0)
+    """Leading comma-separated tags (count) that `shuffle_captions` leaves in place."""
+    trigger_word: str | None = None
+    """Trigger word (text): fills `[trigger]`/`[name]` and is prepended to captions lacking it."""
 
     @field_validator("shards")
     @classmethod
@@ -82,6 +97,16 @@ class DataSection(_Section):
         if not (value.expanduser() / "index.json").is_file():
             raise ValueError(f"no index.json in {str(value)!r}; build shards with `difftrain-dist shards build`")
         return value
+
+    @model_validator(mode="after")
+    def _resolution_of_the_shards(self) -> DataSection:
+        built = _shard_resolutions(self.shards.expanduser() / "index.json")
+        if self.resolution is None:
+            if built:
+                self.__dict__["resolution"] = max(built)
+        elif built and self.resolution not in built:
+            raise ValueError(f"resolution {self.resolution}, but the shards were built at {built}")
+        return self
 
 
 class TrainSection(_Section):
@@ -94,7 +119,14 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """AdamW betas, each in [0, 1)."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
     lr_warmup_steps: int = Field(0, ge=0)
     """Linear warm-up steps before the constant learning rate."""
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -149,17 +181,61 @@ class Recipe(_Section):
         """`storage_path / run.name`, where this run's checkpoints live."""
         return self.run.storage_path / self.run.name
 
-    def recipe_hash(self) -> str:
-        """sha256 (hex) of the fields that must not change on resume (model, LoRA shape, seed, data)."""
-        frozen = {
-            "seed": self.run.seed,
-            "model": self.model.model_dump(mode="json"),
+    def resume_identity(self) -> dict[str, Any]:
+        """What must not change for a run to continue from its checkpoints: seed, model, LoRA shape
+        and data. Folders count by their contents (model configs, shard checksums), not their paths,
+        so moving a model or shards folder keeps the run resumable."""
+        return {
+            "run.seed": self.run.seed,
+            "model.arch": self.model.arch,
+            "model.path": _model_identity(self.model.path),
+            "model.prediction_type": self.model.prediction_type,
             "lora": self.lora.model_dump(mode="json"),
-            "shards": str(self.data.shards),
-            "resolution": self.data.resolution,
-            "micro_batch_size": self.data.micro_batch_size,
+            "data.shards": _shards_identity(self.data.shards),
+            "data.micro_batch_size": self.data.micro_batch_size,
         }
-        return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()
+
+    def recipe_hash(self) -> str:
+        """sha256 (hex) of :meth:`resume_identity`."""
+        return hashlib.sha256(json.dumps(self.resume_identity(), sort_keys=True).encode()).hexdigest()
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of the resume-identity fields that differ between two :meth:`Recipe.resume_identity`."""
+    return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def _shard_resolutions(index: Path) -> list[int]:
+    """Resolutions an index.json was built at (version 1: "resolution", version 2: "resolutions")."""
+    try:
+        doc = json.loads(index.read_text())
+        found = doc.get("resolutions", [doc.get("resolution")])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in found if isinstance(r, int)]
+
+
+def _digest_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _model_identity(path: str) -> str:
+    local = Path(path)
+    if not local.is_dir():
+        return path  # hub id
+    return "configs:" + _digest_files(sorted([local / "model_index.json", *local.glob("*/config.json")]))
+
+
+def _shards_identity(folder: Path) -> str:
+    index = Path(folder) / "index.json"
+    try:
+        shards = json.loads(index.read_text()).get("shards", [])
+        return "shards:" + hashlib.sha256(json.dumps([s.get("sha256") for s in shards]).encode()).hexdigest()
+    except (OSError, ValueError, AttributeError):
+        return str(folder)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -193,7 +269,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             found = e.get("input")
             shown = "" if isinstance(found, dict) else f" (found {found!r})"
-            lines.append(f"  {where}: {e['msg']}{shown}")
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)
 
 
@@ -210,10 +287,11 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     return _absolute_paths(recipe)
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: Path, overrides: list[str] | None = None, *, replace: dict[str, Any] | None = None) -> Recipe:
     """Read a YAML recipe, apply `--set` overrides and validate it.
 
-    Relative paths in the recipe are taken relative to the current directory.
+    Relative paths in the recipe are taken relative to the current directory. `replace` sets
+    dotted fields to values as given (no YAML parsing), after the overrides.
 
     Raises:
         RecipeError: the file is missing, is not a YAML mapping, or fails validation.
@@ -227,7 +305,14 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of sections (run, model, data, train, ...)")
-    return recipe_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+    raw = apply_overrides(raw, overrides or [])
+    for key, value in (replace or {}).items():
+        *sections, field = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[field] = value
+    return recipe_from_dict(raw, source=str(path))
 
 
 def _absolute_paths(recipe: Recipe) -> Recipe:

@@ -108,3 +108,23 @@ def test_manifest_lists_sha256_of_every_file(tmp_path):
     path = make_checkpoint(tmp_path, 5, world_size=1)
     manifest = json.loads((path / "rank_0.json").read_text())
     assert set(manifest["files"]) == {"lora.safetensors", "step_000000005/zero_pp_rank_0_optim_states.pt"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda p: (p / "rank_1.json").write_text("null"), "rank_1.json is not a JSON object"),
+        (lambda p: (p / "rank_2.json").write_text((p / "rank_1.json").read_text()), "beyond world size 2"),
+        (lambda p: _rewrite(p / "rank_0.json", files={}), "rank_0.json lists no files"),
+        (lambda p: _rewrite(p / "rank_0.json", world_size=True), "no valid world_size"),
+    ],
+)
+def test_malformed_manifests_make_the_checkpoint_invalid(tmp_path, edit, reason):
+    path = make_checkpoint(tmp_path, 10)
+    edit(path)
+    info = inspect_checkpoint(path)
+    assert not info.valid and reason in info.reason
+
+
+def _rewrite(manifest: Path, **fields) -> None:
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), **fields}))

@@ -16,6 +16,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def paths(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
+    (model / "model_index.json").write_text("{}")
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "index.json").write_text("{}")
@@ -133,3 +134,38 @@ def test_shipped_recipes_validate(config, paths):
 
 def test_configs_folder_is_not_empty():
     assert CONFIGS, "configs/ ships no recipe"
+
+
+def test_folder_without_model_index_is_not_a_model(tmp_path, paths):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(RecipeError, match=r"model\.path: .*not a diffusers model"):
+        load_recipe(write_recipe(tmp_path, tmp_path / "photos", paths[1]))
+
+
+def test_odd_values_are_rejected(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths)
+    for override, field in [("train.betas=[2, -1]", "train.betas"), ("train.lr=.inf", "train.lr"),
+                            ("run.seed=-1", "run.seed"), ("lora.target_modules=[]", "lora.target_modules")]:
+        with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+            load_recipe(path, [override])
+
+
+def test_resume_identity_follows_contents_not_paths(tmp_path, paths):
+    model, shards = paths
+    before = load_recipe(write_recipe(tmp_path, model, shards)).recipe_hash()
+    moved = tmp_path / "moved-model"
+    model.rename(moved)
+    path = write_recipe(tmp_path, moved, shards)
+    assert load_recipe(path).recipe_hash() == before
+    (moved / "model_index.json").write_text('{"_class_name": "Other"}')
+    assert load_recipe(path).recipe_hash() != before
+
+
+def test_resolution_must_be_one_the_shards_were_built_at(tmp_path, paths):
+    model, shards = paths
+    (shards / "index.json").write_text('{"version": 2, "resolutions": [64, 128]}')
+    path = write_recipe(tmp_path, model, shards)
+    assert load_recipe(path).data.resolution == 64
+    assert load_recipe(path, ["data.resolution=null"]).data.resolution == 128
+    with pytest.raises(RecipeError, match=r"data: resolution 512, but the shards were built at \[64, 128\]"):
+        load_recipe(path, ["data.resolution=512"])

@@ -18,7 +18,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from difftrain_dist.data_shards import ShardIndex, ShardStream, build_shards
-from difftrain_dist.data_shards.plan import epoch_units, reader_quota
 
 DATA = Path(skimage.data.data_dir)
 RES = 32
@@ -35,17 +34,19 @@ PHOTOS = {
     "nested/deeper/hubble.jpg": "hubble_deep_field.jpg",  # RGB JPEG 1000x872
 }
 KEPT = [  # walk order: a folder's files sorted, then its sub-folders
-    "astronaut.png", "camera.png", "chelsea.png", "cmyk.jpg", "coffee.png", "exif_rotated.jpg",
+    "astronaut.png", "camera.png", "chelsea.png", "cmyk.jpg", "coffee.png", "dup.jpg", "exif_rotated.jpg",
     "half_transparent.png", "horse.png", "logo.png", "palette.png", "palette_transparent.png",
-    "sixteen_bit.png", "nested/ROCKET.JPG", "nested/deeper/hubble.jpg",
+    "sixteen_bit.png", "tiny.png", "trigger.png", "nested/ROCKET.JPG", "nested/deeper/hubble.jpg",
 ]
-SKIPPED = {  # source -> words the reason must contain
-    "bad_caption.png": "not UTF-8",
-    "empty.jpg": "empty file",
-    "no_caption.png": "no caption file no_caption.txt",
-    "notes.md": "not an image",
-    "truncated.jpg": "truncated",
+SKIPPED = {  # source -> (kind, words the reason must contain)
+    "bad_caption.png": ("caption_encoding", "not UTF-8"),
+    "dup.png": ("duplicate_stem", "duplicate stem: dup.png shares the stem 'dup' (caption dup.txt) with dup.jpg"),
+    "empty.jpg": ("empty", "empty file"),
+    "no_caption.png": ("no_caption", "no caption file no_caption.txt"),
+    "notes.md": ("not_image", "not an image"),
+    "truncated.jpg": ("decode", "truncated"),
 }
+TRIGGER = "ohwx"
 
 
 def _caption(name: str) -> str:
@@ -88,6 +89,12 @@ def _make_source(folder: Path) -> None:
     _write(folder, "bad_caption.png", caption=False).write_bytes((DATA / "moon.png").read_bytes())
     (folder / "bad_caption.txt").write_bytes("café".encode("latin-1"))
     (folder / "notes.md").write_text("not an image")
+    # a.jpg and a.png would share a.txt: the first by name is kept, the other reported.
+    _write(folder, "dup.jpg", astronaut.convert("RGB"), format="JPEG", quality=90)
+    _write(folder, "dup.png", chelsea, caption=False)
+    _write(folder, "tiny.png", chelsea.resize((20, 13)))  # smaller than every bucket: upscaled by default
+    _write(folder, "trigger.png", chelsea.rotate(180), caption=False)
+    (folder / "trigger.txt").write_text("[trigger], a cat upside down, [name] again", encoding="utf-8")
     (folder / ".hidden.png").write_bytes(b"ignored")
 
 
@@ -104,7 +111,7 @@ def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
 def built(tmp_path_factory) -> tuple[Path, Path, ShardIndex]:
     root = tmp_path_factory.mktemp("build")
     _make_source(root / "src")
-    index = build_shards(root / "src", root / "out", resolution=RES, samples_per_shard=5)
+    index = build_shards(root / "src", root / "out", resolution=RES, samples_per_shard=5, trigger_word=TRIGGER)
     return root / "src", root / "out", index
 
 
@@ -128,18 +135,22 @@ def test_build_keeps_good_inputs_and_reports_bad_ones(built, samples):
     assert [s["key"] for s in samples] == [f"{i:09d}" for i in range(len(KEPT))]
     assert {s.source: s.reason for s in index.skipped}.keys() == SKIPPED.keys()
     for skip in index.skipped:
-        assert SKIPPED[skip.source] in skip.reason, skip
+        kind, words = SKIPPED[skip.source]
+        assert skip.kind == kind and words in skip.reason, skip
     assert index.num_samples == len(KEPT) and index.buckets == {f"{RES}x{RES}": len(KEPT)}
     assert [(s.name, s.num_samples) for s in index.shards] == [
-        ("shard-000000.tar", 5), ("shard-000001.tar", 5), ("shard-000002.tar", 4)]
+        ("shard-000000.tar", 5), ("shard-000001.tar", 5), ("shard-000002.tar", 5), ("shard-000003.tar", 2)]
     assert sorted(p.name for p in out.iterdir()) == [
-        "index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+        "index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
 
 
 def test_index_json_matches_files(built):
     src, out, index = built
     doc = json.loads((out / "index.json").read_text(encoding="utf-8"))
-    assert doc["version"] == 1 and doc["resolution"] == RES and doc["num_samples"] == len(KEPT)
+    assert doc["version"] == 2 and doc["resolutions"] == [RES] and doc["num_samples"] == len(KEPT)
+    assert [s["buckets"] for s in doc["shards"]] == [{f"{RES}x{RES}": n} for n in (5, 5, 5, 2)]
+    assert doc["build"]["trigger_word"] == TRIGGER and doc["build"]["small_images"] == "upscale"
+    assert {s["repeats"] for s in doc["shards"]} == {1}
     for shard in doc["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest()
     assert doc == index.to_dict()
@@ -151,7 +162,11 @@ def test_round_trip_metadata_captions_and_pixels(built, samples):
     src, _, _ = built
     for s in samples:
         meta, source = s["meta"], src / s["meta"]["source"]
-        assert s["caption"] == _caption(meta["source"])
+        if meta["source"] == "trigger.png":  # placeholders filled with the trigger word at build time
+            assert s["caption"] == "ohwx, a cat upside down, ohwx again"
+        else:
+            assert s["caption"] == _caption(meta["source"])
+        assert meta["resolution"] == RES
         assert meta["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
         assert meta["bucket"] == [RES, RES]
         assert s["pixels"].shape == (RES, RES, 3) and s["pixels"].dtype == np.uint8
@@ -204,6 +219,23 @@ def test_default_caption_keeps_uncaptioned_images(built, tmp_path):
     assert captions["no_caption.png"] == "a photo"
 
 
+def test_small_image_policy_and_missing_caption_error(built, tmp_path):
+    src, _, _ = built
+    index = build_shards(src, tmp_path / "skip", resolution=RES, small_images="skip", default_caption="x")
+    small = [s for s in index.skipped if s.kind == "small_image"]
+    assert [s.source for s in small] == ["tiny.png"]
+    assert "at resolution 32: 20x13 px < 32x32 (small_images: skip)" in small[0].reason
+    assert index.num_samples == len(KEPT)  # tiny.png out, no_caption.png in (default caption)
+    with pytest.raises(ValueError, match=r"missing_caption is 'error' and 1 input\(s\) have no caption: "
+                                         r"no_caption.png\. Add caption files"):
+        build_shards(src, tmp_path / "error", resolution=RES, missing_caption="error")
+    assert not (tmp_path / "error").exists()  # folders are checked before anything is written
+    with pytest.raises(ValueError, match="missing_caption: 'default' with default_caption=None"):
+        build_shards(src, tmp_path / "o", resolution=RES, missing_caption="default")
+    with pytest.raises(ValueError, match="small_images: expected one of"):
+        build_shards(src, tmp_path / "o", resolution=RES, small_images="crop")
+
+
 def test_build_refuses_existing_shards_and_bad_arguments(built, tmp_path):
     src, out, _ = built
     with pytest.raises(ValueError, match="already holds index.json"):
@@ -227,6 +259,11 @@ def test_index_load_errors_name_the_file(built, tmp_path):
         ShardIndex.load(copy).verify_checksums()
     (copy / "shard-000001.tar").unlink()
     with pytest.raises(ValueError, match=r"shards\[1\] file .*shard-000001.tar does not exist"):
+        ShardIndex.load(copy)
+    doc = json.loads((out / "index.json").read_text())
+    doc["shards"][0]["buckets"] = {f"{RES}x{RES}": 4}
+    (copy / "index.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"shards\[0\]: field 'buckets' adds up to 4 samples, but 'num_samples' is 5"):
         ShardIndex.load(copy)
     doc = json.loads((out / "index.json").read_text())
     del doc["shards"][0]["sha256"]
@@ -268,29 +305,6 @@ def _take(stream, n: int) -> list[dict]:
 
 def _loader(ds: ShardStream, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=None, num_workers=workers)
-
-
-def test_plan_units_partition_the_data_and_quota_is_the_worst_epoch_minimum():
-    for sizes in ([5, 2, 4], [7], [3, 9, 1, 4, 4, 6, 2], [10] * 9 + [1]):
-        for world_size, workers in ((1, 1), (2, 2), (3, 2), (4, 1)):
-            readers = world_size * workers
-            epoch_minimums = []
-            for epoch in range(60):
-                units = epoch_units(sizes, seed=3, epoch=epoch, num_readers=readers)
-                seen = [(u.shard, off) for us in units for u in us
-                        for off in range(u.slice_index, sizes[u.shard], u.num_slices)]
-                assert len(seen) == len(set(seen)) == sum(sizes)
-                assert all(len(range(u.slice_index, sizes[u.shard], u.num_slices)) == u.num_samples
-                           for us in units for u in us)
-                epoch_minimums.append(min(sum(u.num_samples for u in us) for us in units))
-            quota = reader_quota(sizes, world_size=world_size, num_workers=workers, micro_batch_size=1)
-            assert quota == min(epoch_minimums) > 0, (sizes, world_size, workers)
-            if quota >= 2:
-                assert reader_quota(sizes, world_size=world_size, num_workers=workers,
-                                    micro_batch_size=2) == quota - quota % 2
-            else:
-                with pytest.raises(ValueError, match=f"at least {2 * readers} samples"):
-                    reader_quota(sizes, world_size=world_size, num_workers=workers, micro_batch_size=2)
 
 
 @pytest.mark.parametrize("data", ["uneven", "built"])
@@ -346,15 +360,16 @@ def _same_batches(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.parametrize("data, world_size, rank, batch", [("uneven", 1, 0, 2), ("built", 2, 1, 1)])
 def test_resume_equals_tail_of_unskipped_stream(request, data, world_size, rank, batch):
     index = request.getfixturevalue("uneven") if data == "uneven" else request.getfixturevalue("built")[1]
-    kw = dict(micro_batch_size=batch, global_rank=rank, world_size=world_size, seed=5)
-    full = _take(ShardStream(index, **kw), 12)
+    kw = dict(micro_batch_size=batch, global_rank=rank, world_size=world_size, seed=5,
+              caption_dropout=0.3, shuffle_captions=True, keep_tokens=1, trigger_word="sks")
+    full = _take(ShardStream(index, **kw), 16)
     per_epoch = ShardStream(index, **kw).batches_per_epoch
-    assert 3 <= per_epoch <= 6  # so 12 batches cross at least one epoch boundary
+    assert 3 <= per_epoch <= 8  # so 16 batches cross at least one epoch boundary
     for start in (1, per_epoch - 1, per_epoch):  # mid-epoch, last batch, epoch end
         resumed = ShardStream(index, start_batch=start, **kw)
-        _same_batches(_take(resumed, 12 - start), full[start:])
+        _same_batches(_take(resumed, 16 - start), full[start:])
     epoch1 = ShardStream(index, start_epoch=1, **kw)
-    _same_batches(_take(epoch1, 12 - per_epoch), full[per_epoch:])
+    _same_batches(_take(epoch1, 16 - per_epoch), full[per_epoch:])
     with pytest.raises(ValueError, match="start_batch"):
         ShardStream(index, start_batch=per_epoch + 1, **kw)
 
@@ -374,7 +389,11 @@ def test_reader_argument_errors(uneven):
     with pytest.raises(ValueError, match="global_rank"):
         ShardStream(uneven, micro_batch_size=1, global_rank=2, world_size=2, seed=0)
     in_process = ShardStream(uneven, micro_batch_size=1, global_rank=0, world_size=1, seed=0)
+    loader_iter = iter(_loader(in_process, 2))
     with pytest.raises(ValueError, match="built with num_workers=0 but is read with 2 loader workers"):
-        _take(_loader(in_process, 2), 1)
+        next(loader_iter)
+    # The re-raised worker error keeps the iterator in a reference cycle; collected later, its
+    # workers miss the shutdown message and each join waits 5 s. Stop them now instead.
+    loader_iter._shutdown_workers()
     with pytest.raises(ValueError, match="not found"):
         ShardStream(uneven / "nowhere", micro_batch_size=1, global_rank=0, world_size=1, seed=0)

@@ -122,8 +122,8 @@ def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference,
     shard = next((run_dir / checkpoint_name(12)).rglob("zero_pp_rank_1_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated shard
     (run_dir / checkpoint_name(9) / "rank_1.json").unlink()  # a rank never finished saving
-    manifest = run_dir / checkpoint_name(6) / "rank_0.json"  # written under another recipe
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "recipe_hash": "0" * 64}))
+    for manifest in (run_dir / checkpoint_name(6)).glob("rank_*.json"):  # written under another recipe
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "recipe_hash": "0" * 64}))
     proc = run(cli("resume", str(run_dir), "--no-progress", "--set", f"run.output_dir={tmp_path / 'out'}"),
                tmp_path)
     assert "checkpoint_000000012: step_000000012/zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in proc.stderr

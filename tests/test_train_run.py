@@ -14,7 +14,7 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 
-from difftrain_dist.distrib.checkpoint import list_checkpoints
+from difftrain_dist.distrib.checkpoint import inspect_checkpoint, list_checkpoints
 from difftrain_dist.models import read_lora_file
 
 from .lora_checks import hand_merged_unet, unet_output
@@ -151,3 +151,27 @@ def test_rerunning_the_recipe_resumes_after_pruned_checkpoints(trained_run):
     assert [(c.step, c.valid) for c in list_checkpoints(work / "runs" / "tiny")] == [(6, True)]
     _, header = read_lora_file(work / "out" / "tiny.safetensors")
     assert header["ss_steps"] == "6"
+
+
+def test_changed_recipe_is_refused_before_anything_is_written(trained_run):
+    work, _ = trained_run
+    before = (work / "runs" / "tiny" / "recipe.yaml").read_text()
+    for override, named in [("run.seed=8", "changed: run.seed"), ("lora.rank=8", "changed: lora"),
+                            ("distributed.zero_stage=3", "distributed.zero_stage: checkpoint_000000006")]:
+        proc = run_cli("train", "recipe.yaml", "--set", override, "--no-progress", cwd=work)
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-3000:]
+    assert [(c.step, c.valid) for c in list_checkpoints(work / "runs" / "tiny")] == [(6, True)]
+    assert (work / "runs" / "tiny" / "recipe.yaml").read_text() == before
+
+
+def test_export_refuses_bad_paths(trained_run):
+    work, _ = trained_run
+    ckpt = work / "runs" / "tiny" / "checkpoint_000000006"
+    cases = [(["export", str(ckpt), "-o", str(ckpt / "lora.safetensors")], "inside the checkpoint"),
+             (["export", str(ckpt), "-o", str(work)], "is a folder"),
+             (["export", str(work / "runs" / "tiny" / "checkpoint_000000099"), "-o", "x.safetensors"],
+              "no checkpoint folder")]
+    for args, message in cases:
+        proc = run_cli(*args, cwd=work)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert inspect_checkpoint(ckpt).valid

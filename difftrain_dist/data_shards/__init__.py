@@ -1,7 +1,8 @@
-"""Folder → WebDataset shards (`build_shards`) and the balanced streaming reader (`ShardStream`)."""
+"""Folders and tars → WebDataset shards (`build_shards`) and the balanced bucketed reader (`ShardStream`)."""
 
 from .build import build_shards
-from .index import ShardIndex
+from .captions import CaptionTransform
+from .index import ShardIndex, merge_indexes
 from .reader import ShardStream
 
-__all__ = ["ShardIndex", "ShardStream", "build_shards"]
+__all__ = ["CaptionTransform", "ShardIndex", "ShardStream", "build_shards", "merge_indexes"]

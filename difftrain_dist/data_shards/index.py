@@ -1,13 +1,27 @@
 """`index.json`: the catalogue of a shard folder (shards, sample counts, buckets, skipped inputs).
 
-Format (version 1)::
+Format (version 2)::
 
-    {"version": 1, "resolution": 512, "num_samples": 11,
-     "shards": [{"name": "shard-000000.tar", "num_samples": 5, "sha256": "<hex>"}, ...],
-     "buckets": {"512x512": 11},
-     "skipped": [{"source": "sub/bad.jpg", "reason": "cannot decode image: ..."}]}
+    {"version": 2, "resolutions": [512], "num_samples": 11,
+     "shards": [{"name": "shard-000000.tar", "num_samples": 5, "sha256": "<hex>", "repeats": 1,
+                 "buckets": {"512x512": 3, "576x384": 2}}, ...],
+     "buckets": {"512x512": 7, "576x384": 4},
+     "skipped": [{"source": "sub/bad.jpg", "kind": "decode", "reason": "cannot decode image: ..."}],
+     "build": {"bucket_step": 64, ...}}
 
-Shard names are paths relative to the folder holding `index.json`.
+- Shard names are paths relative to the folder holding `index.json`.
+- `num_samples` counts samples stored in the tars; a shard's `buckets` splits its `num_samples` by
+  bucket ("WxH", px). The top-level `buckets` is the histogram of all stored samples.
+- `repeats` (ai-toolkit's `num_repeats`): the reader yields every sample of that shard this many
+  times per epoch. Per-epoch bucket counts are therefore `buckets[b] * repeats`, which is all a
+  reader needs to compute its quotas without opening a tar.
+- `skipped` lists every input left out, with a short `kind` (e.g. "decode", "no_caption",
+  "duplicate_stem", "small_image") and a human-readable `reason`.
+- `build` records the options the shards were built with (informational).
+- `precomputed` (optional) lists the sidecar tars of VAE latent parameters and text embeddings
+  written by `shards precompute`, one per shard (see precomputed.py).
+
+Version 1 files (one square bucket, no per-shard buckets) are still read.
 """
 
 from __future__ import annotations
@@ -15,14 +29,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from .buckets import parse_bucket
+from .precomputed import Precomputed, SidecarInfo
+
 INDEX_NAME = "index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 def local_path(path_or_url: str | os.PathLike[str]) -> Path:
@@ -57,7 +75,8 @@ def _item(record: object, field_name: str) -> Any:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard: `name` relative to the index folder, its sample count and sha256 (hex).
+    """One shard: `name` relative to the index folder, its stored sample count, sha256 (hex), its
+    samples per bucket ("WxH" -> count, summing to `num_samples`) and `repeats` per epoch.
 
     Fields read as attributes (`info.name`) or like the JSON object (`info["name"]`).
     """
@@ -65,6 +84,8 @@ class ShardInfo:
     name: str
     num_samples: int
     sha256: str
+    buckets: dict[str, int] = field(default_factory=dict)
+    repeats: int = 1
 
     def __getitem__(self, field_name: str) -> Any:
         """`info["name"]` reads like the JSON object (KeyError for unknown fields)."""
@@ -73,13 +94,15 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class SkippedInput:
-    """An input file that was left out: `source` relative to the source folder, and why.
+    """An input that was left out: `source` (path relative to the source folder, `TAR#KEY` for a
+    tar member, or a URL), why (`reason`), and a short `kind` for counting.
 
     Fields read as attributes (`item.source`) or like the JSON object (`item["source"]`).
     """
 
     source: str
     reason: str
+    kind: str = "other"
 
     def __getitem__(self, field_name: str) -> Any:
         """`skipped["source"]` reads like the JSON object (KeyError for unknown fields)."""
@@ -90,18 +113,37 @@ class SkippedInput:
 class ShardIndex:
     """In-memory `index.json`. `root` is the folder holding it (shard names resolve against it)."""
 
-    resolution: int
+    resolutions: list[int]
     num_samples: int
     shards: list[ShardInfo]
     buckets: dict[str, int]
     skipped: list[SkippedInput] = field(default_factory=list)
+    build: dict[str, Any] = field(default_factory=dict)
     version: int = INDEX_VERSION
     root: Path | None = None
+    precomputed: Precomputed | None = None
+    """Sidecars of precomputed latents / embeddings (None: the reader yields pixels only)."""
 
     @property
     def shard_sizes(self) -> list[int]:
-        """Samples per shard, in index order."""
+        """Samples stored per shard, in index order."""
         return [s.num_samples for s in self.shards]
+
+    @property
+    def bucket_names(self) -> list[str]:
+        """Every bucket of every shard, sorted by (width, height)."""
+        names = {b for s in self.shards for b, n in s.buckets.items() if n > 0}
+        return sorted(names, key=parse_bucket)
+
+    def epoch_counts(self) -> list[list[int]]:
+        """Samples per epoch (repeats included): element [s][b] for shard s, bucket_names[b]."""
+        names = self.bucket_names
+        return [[s.buckets.get(b, 0) * s.repeats for b in names] for s in self.shards]
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples an epoch holds, every shard's samples counted `repeats` times."""
+        return sum(s.num_samples * s.repeats for s in self.shards)
 
     def shard_path(self, i: int) -> Path:
         """Local path of shard `i`.
@@ -113,16 +155,31 @@ class ShardIndex:
             raise ValueError("ShardIndex.root is not set: load the index with ShardIndex.load(path)")
         return self.root / self.shards[i].name
 
+    def sidecar_path(self, i: int) -> Path:
+        """Local path of shard `i`'s precomputed sidecar.
+
+        Raises:
+            ValueError: if the index has no `precomputed` block or no `root`.
+        """
+        if self.precomputed is None:
+            raise ValueError(f"index {self.root}: has no precomputed sidecars (run `shards precompute`)")
+        self.shard_path(i)  # checks root
+        return self.root / self.precomputed.sidecars[i].name
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (without `root`)."""
-        return {
-            "version": self.version,
-            "resolution": self.resolution,
+        """The JSON document (without `root`), always in the current format version."""
+        doc = {
+            "version": INDEX_VERSION,
+            "resolutions": list(self.resolutions),
             "num_samples": self.num_samples,
             "shards": [vars(s) for s in self.shards],
             "buckets": dict(self.buckets),
             "skipped": [vars(s) for s in self.skipped],
+            "build": dict(self.build),
         }
+        if self.precomputed is not None:
+            doc["precomputed"] = self.precomputed.to_dict()
+        return doc
 
     def save(self, folder: Path) -> Path:
         """Write `folder/index.json` atomically (temp file + rename); sets `root`; returns the path."""
@@ -132,6 +189,7 @@ class ShardIndex:
         tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         self.root = folder
+        self.version = INDEX_VERSION
         return path
 
     @classmethod
@@ -157,6 +215,9 @@ class ShardIndex:
         for i in range(len(index.shards)):
             if not index.shard_path(i).is_file():
                 raise ValueError(f"{path}: shards[{i}] file {index.shard_path(i)} does not exist")
+            if index.precomputed is not None and not index.sidecar_path(i).is_file():
+                raise ValueError(f"{path}: precomputed.sidecars[{i}] file {index.sidecar_path(i)} "
+                                 "does not exist; run `shards precompute` again")
         return index
 
     def verify_checksums(self) -> None:
@@ -171,6 +232,65 @@ class ShardIndex:
                 raise ValueError(
                     f"{self.shard_path(i)}: sha256 {actual} does not match index.json ({shard.sha256})"
                 )
+            if self.precomputed is not None:
+                expected = self.precomputed.sidecars[i].sha256
+                actual = sha256_file(self.sidecar_path(i))
+                if actual != expected:
+                    raise ValueError(f"{self.sidecar_path(i)}: sha256 {actual} does not match "
+                                     f"index.json ({expected})")
+
+
+def merge_indexes(root: Path, parts: list[Path]) -> ShardIndex:
+    """Write `root/index.json` over the shards of several built folders inside `root`.
+
+    This is how datasets with different `num_repeats` (or resolutions) train together: build each
+    into `root/<name>`, then merge. Shard names become `<name>/shard-....tar`; every part keeps its
+    shards' `repeats`; skipped inputs are carried over with the part's folder prefixed. Precomputed
+    sidecars are kept when every part has them from the same model, arch and conditioning.
+
+    Raises:
+        ValueError: `root` already holds index.json, a part is not a folder inside `root`, or a
+            part's index.json is missing or invalid.
+    """
+    root = Path(root)
+    if (root / INDEX_NAME).exists():
+        raise ValueError(f"{root / INDEX_NAME}: already exists; merge into a folder without index.json")
+    shards, skipped, resolutions, buckets, precomputed = [], [], [], {}, []
+    for part in parts:
+        part = Path(part)
+        try:
+            rel = part.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            raise ValueError(f"{part}: not a folder inside {root}; shard names must be relative") from None
+        if rel == ".":
+            raise ValueError(f"{part}: is the merge folder itself; give its sub-folders")
+        index = ShardIndex.load(part)
+        shards += [ShardInfo(f"{rel}/{s.name}", s.num_samples, s.sha256, dict(s.buckets), s.repeats)
+                   for s in index.shards]
+        skipped += [SkippedInput(f"{rel}: {s.source}", s.reason, s.kind) for s in index.skipped]
+        resolutions += [r for r in index.resolutions if r not in resolutions]
+        for name, count in index.buckets.items():
+            buckets[name] = buckets.get(name, 0) + count
+        precomputed.append(None if index.precomputed is None else replace(
+            index.precomputed, sidecars=tuple(SidecarInfo(f"{rel}/{s.name}", s.sha256)
+                                              for s in index.precomputed.sidecars)))
+    merged = ShardIndex(resolutions=resolutions, num_samples=sum(s.num_samples for s in shards),
+                        shards=shards, buckets=buckets, skipped=skipped,
+                        build={"merged": [Path(p).resolve().relative_to(root.resolve()).as_posix()
+                                          for p in parts]},
+                        precomputed=_merged_precomputed(precomputed))
+    merged.save(root)
+    return merged
+
+
+def _merged_precomputed(parts: list[Precomputed | None]) -> Precomputed | None:
+    """The parts' sidecars together when every part was precomputed with the same model, else None."""
+    if not parts or any(p is None for p in parts):
+        return None
+    first = parts[0]
+    if any((p.model, p.arch, p.conditioning) != (first.model, first.arch, first.conditioning) for p in parts):
+        return None
+    return replace(first, sidecars=tuple(s for p in parts for s in p.sidecars))
 
 
 def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -182,33 +302,70 @@ def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
+def _counts(raw: Any, where: str) -> dict[str, int]:
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in raw.items()):
+        raise ValueError(f"{where}: field 'buckets' should map 'WxH' to sample counts >= 0, found {raw!r}")
+    for name in raw:
+        try:
+            parse_bucket(name)
+        except ValueError as exc:
+            raise ValueError(f"{where}: field 'buckets': {exc}") from None
+    return dict(raw)
+
+
+def _shard(raw: Any, where: str, version: int, single_bucket: str | None) -> ShardInfo:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object, found {raw!r}")
+    name, num = _get(raw, "name", str, where), _get(raw, "num_samples", int, where)
+    sha = _get(raw, "sha256", str, where)
+    if version == 1:  # one square bucket for the whole index
+        return ShardInfo(name, num, sha, {single_bucket: num} if single_bucket and num else {}, 1)
+    buckets = _counts(_get(raw, "buckets", dict, where), where)
+    repeats = _get(raw, "repeats", int, where)
+    if repeats < 1:
+        raise ValueError(f"{where}: field 'repeats' should be >= 1, found {repeats}")
+    if sum(buckets.values()) != num:
+        raise ValueError(f"{where}: field 'buckets' adds up to {sum(buckets.values())} samples, "
+                         f"but 'num_samples' is {num}")
+    return ShardInfo(name, num, sha, buckets, repeats)
+
+
 def _from_dict(doc: Any, path: Path) -> ShardIndex:
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    version = _get(doc, "version", int, str(path))
-    if version != INDEX_VERSION:
-        raise ValueError(f"{path}: field 'version' is {version}, this reader understands {INDEX_VERSION}")
-    shards = []
-    for i, raw in enumerate(_get(doc, "shards", list, str(path))):
-        where = f"{path}: shards[{i}]"
-        if not isinstance(raw, dict):
-            raise ValueError(f"{where}: expected an object, found {raw!r}")
-        shards.append(ShardInfo(_get(raw, "name", str, where), _get(raw, "num_samples", int, where),
-                                _get(raw, "sha256", str, where)))
+    where = str(path)
+    version = _get(doc, "version", int, where)
+    if version not in READ_VERSIONS:
+        raise ValueError(f"{path}: field 'version' is {version}, this reader understands {READ_VERSIONS}")
+    buckets = _counts(_get(doc, "buckets", dict, where), where)
+    if version == 1:
+        resolutions = [_get(doc, "resolution", int, where)]
+        if len(buckets) > 1:
+            raise ValueError(f"{path}: a version 1 index has one bucket, found {sorted(buckets)}; rebuild it")
+        single = next(iter(buckets), None)
+    else:
+        resolutions = _get(doc, "resolutions", list, where)
+        single = None
+    shards = [_shard(raw, f"{path}: shards[{i}]", version, single)
+              for i, raw in enumerate(_get(doc, "shards", list, where))]
     skipped = []
-    for i, raw in enumerate(_get(doc, "skipped", list, str(path))):
-        where = f"{path}: skipped[{i}]"
+    for i, raw in enumerate(_get(doc, "skipped", list, where)):
+        at = f"{path}: skipped[{i}]"
         if not isinstance(raw, dict):
-            raise ValueError(f"{where}: expected an object, found {raw!r}")
-        skipped.append(SkippedInput(_get(raw, "source", str, where), _get(raw, "reason", str, where)))
-    index = ShardIndex(
-        resolution=_get(doc, "resolution", int, str(path)),
-        num_samples=_get(doc, "num_samples", int, str(path)),
-        shards=shards,
-        buckets=dict(_get(doc, "buckets", dict, str(path))),
-        skipped=skipped,
-        version=version,
-    )
+            raise ValueError(f"{at}: expected an object, found {raw!r}")
+        skipped.append(SkippedInput(_get(raw, "source", str, at), _get(raw, "reason", str, at),
+                                    raw.get("kind", "other")))
+    build = doc.get("build", {})
+    if not isinstance(build, dict):
+        raise ValueError(f"{path}: field 'build' should be an object, found {build!r}")
+    precomputed = doc.get("precomputed")
+    if precomputed is not None:
+        precomputed = Precomputed.from_dict(precomputed, where, len(shards))
+    index = ShardIndex(resolutions=resolutions, num_samples=_get(doc, "num_samples", int, where),
+                       shards=shards, buckets=buckets, skipped=skipped,
+                       build=build, version=version, precomputed=precomputed)
     total = sum(index.shard_sizes)
     if total != index.num_samples or any(n < 0 for n in index.shard_sizes):
         raise ValueError(

@@ -26,6 +26,7 @@ CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9})$")
 RANK_FILE = re.compile(r"^rank_(\d+)\.json$")
 LORA_FILE = "lora.safetensors"
 MANIFEST_VERSION = 1
+RECIPE_MISMATCH = "recipe hash differs from this run's recipe (model, LoRA, seed or data changed)"
 
 
 def checkpoint_name(step: int) -> str:
@@ -67,6 +68,8 @@ class CheckpointInfo:
     world_size: int | None = None
     size_bytes: int = 0
     loss: float | None = None
+    recipe_mismatch: bool = False
+    """Complete and intact, but written under another recipe (model, LoRA shape, seed or data)."""
     manifests: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -83,33 +86,46 @@ def _read_manifests(path: Path) -> tuple[list[dict[str, Any]], str]:
         if m := RANK_FILE.match(p.name):
             try:
                 manifests[int(m.group(1))] = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError) as err:
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
                 return [], f"{p.name} is unreadable ({err.__class__.__name__})"
+            if not isinstance(manifests[int(m.group(1))], dict):
+                return [], f"{p.name} is not a JSON object"
     if not manifests:
         return [], "no rank_*.json manifest (save did not finish)"
     world_size = manifests[min(manifests)].get("world_size")
-    if not isinstance(world_size, int) or world_size < 1:
+    if type(world_size) is not int or world_size < 1:
         return [], "manifest has no valid world_size"
     missing = [r for r in range(world_size) if r not in manifests]
     if missing:
         return [], f"missing rank_{missing[0]}.json of world size {world_size} (save did not finish)"
+    extra = [r for r in manifests if r >= world_size]
+    if extra:
+        return [], f"rank_{extra[0]}.json is beyond world size {world_size}"
     return [manifests[r] for r in range(world_size)], ""
 
 
-def _check_manifests(path: Path, step: int, manifests: list[dict[str, Any]], recipe_hash: str | None) -> str:
+def _check_files(path: Path, rank: int, files: Any) -> str:
+    if not isinstance(files, dict) or not files:
+        return f"rank_{rank}.json lists no files"
+    for rel, digest in files.items():
+        file = path / rel
+        if not file.is_file():
+            return f"{rel} listed by rank {rank} is missing"
+        if sha256_file(file) != digest:
+            return f"{rel} is corrupt (sha256 mismatch)"
+    return ""
+
+
+def _check_manifests(path: Path, step: int, manifests: list[dict[str, Any]]) -> str:
     for rank, manifest in enumerate(manifests):
         if manifest.get("step") != step:
             return f"rank_{rank}.json records step {manifest.get('step')}, folder says {step}"
         if manifest.get("world_size") != len(manifests):
             return f"rank_{rank}.json disagrees on world size"
-        if recipe_hash is not None and manifest.get("recipe_hash") != recipe_hash:
-            return "recipe hash differs from this run's recipe (model, LoRA, seed or data changed)"
-        for rel, digest in manifest.get("files", {}).items():
-            file = path / rel
-            if not file.is_file():
-                return f"{rel} listed by rank {rank} is missing"
-            if sha256_file(file) != digest:
-                return f"{rel} is corrupt (sha256 mismatch)"
+        if len({m.get("recipe_hash") for m in manifests}) != 1:
+            return f"rank_{rank}.json disagrees on the recipe hash"
+        if reason := _check_files(path, rank, manifest.get("files")):
+            return reason
     if not (path / LORA_FILE).is_file():
         return f"{LORA_FILE} is missing"
     return ""
@@ -131,14 +147,20 @@ def inspect_checkpoint(path: Path, recipe_hash: str | None = None) -> Checkpoint
         raise ValueError(f"{path} is not a checkpoint folder (expected checkpoint_<9-digit step>)")
     step = int(match.group(1))
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if not path.is_dir():
+        raise ValueError(f"no checkpoint folder at {path}")
     manifests, reason = _read_manifests(path)
     if not reason:
-        reason = _check_manifests(path, step, manifests, recipe_hash)
-    info = CheckpointInfo(path=path, step=step, valid=not reason, reason=reason, size_bytes=size)
+        reason = _check_manifests(path, step, manifests)
+    mismatch = not reason and recipe_hash is not None and manifests[0].get("recipe_hash") != recipe_hash
+    if mismatch:
+        reason = RECIPE_MISMATCH
+    info = CheckpointInfo(path=path, step=step, valid=not reason, reason=reason, size_bytes=size,
+                          recipe_mismatch=mismatch)
     if manifests:
         info.world_size = len(manifests)
         info.loss = manifests[0].get("loss")
-        info.manifests = manifests if info.valid else []
+        info.manifests = manifests if (info.valid or mismatch) else []
     return info
 
 

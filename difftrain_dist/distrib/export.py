@@ -93,6 +93,11 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str = "diffusers") ->
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"--output: {out_path} is a folder; give the .safetensors file to write")
+    if Path(ckpt_dir).resolve() in out_path.resolve().parents:
+        raise ValueError(f"--output: {out_path} is inside the checkpoint; writing there would change it")
     info = inspect_checkpoint(Path(ckpt_dir))
     if not info.valid:
         raise ValueError(f"checkpoint {ckpt_dir} is not valid: {info.reason}")
@@ -101,7 +106,6 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str = "diffusers") ->
     if not weights:
         raise ValueError(f"checkpoint {ckpt_dir} holds no LoRA weights")
     recipe, config = manifest["recipe"], manifest["lora_config"]
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     return save_lora_file(
         out_path,

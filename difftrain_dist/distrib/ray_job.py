@@ -25,6 +25,7 @@ from difftrain_dist.config import Recipe
 from difftrain_dist.distrib.checkpoint import find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay
+from difftrain_dist.distrib.resume import choose_checkpoint
 from difftrain_dist.distrib.session import PREEMPTION_SIGNALS
 from difftrain_dist.distrib.worker import train_worker
 from difftrain_dist.quiet import quiet_env
@@ -171,9 +172,11 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     (`TrainingResult.preempted`).
 
     Raises:
+        ValueError: the run folder's checkpoints cannot be continued with this recipe.
         ray.train.TrainingFailedError: a worker failed more often than `distributed.max_failures`.
         RuntimeError: training finished but left no valid checkpoint.
     """
+    choose_checkpoint(recipe)  # refuse early (recipe changed, ZeRO stage changed), before any write
     init_ray(recipe.distributed.address, recipe.distributed.num_workers * recipe.distributed.cpus_per_worker)
     save_run_recipe(recipe)
     forget_ray_run_snapshot(recipe.run_dir)

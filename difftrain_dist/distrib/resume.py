@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from difftrain_dist.config import Recipe
+from difftrain_dist.config import Recipe, changed_fields
+from difftrain_dist.data_shards.index import sha256_file
 from difftrain_dist.distrib.checkpoint import CheckpointInfo, deepspeed_tag, find_resume_checkpoint, inspect_checkpoint
 from difftrain_dist.distrib.state import TrainState, restore_rng
 
@@ -35,10 +37,12 @@ class ResumePlan:
     checkpoint: CheckpointInfo | None = None
     load_dir: Path | None = None
     """Folder handed to `engine.load_checkpoint` (the checkpoint, or its universal conversion)."""
+    reshard_data: bool = False
+    """The checkpoint was written by another world size: rescale the data cursor."""
 
     @property
     def reshard(self) -> bool:
-        """True when the checkpoint was written by another world size (universal loading)."""
+        """True when DeepSpeed must load a universal conversion (another world size, ZeRO ≥ 1)."""
         return self.checkpoint is not None and self.load_dir != self.checkpoint.path
 
 
@@ -49,52 +53,101 @@ def set_aside(info: CheckpointInfo) -> Path:
     return target
 
 
-def _choose_on_rank0(recipe: Recipe) -> str | None:
+def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
+    """The newest valid checkpoint of the run and the newer ones skipped; changes nothing.
+
+    Raises:
+        ValueError: the run folder holds intact checkpoints, but all of another recipe (the
+            message names the changed fields), or the recipe cannot continue from the newest one.
+    """
     info, skipped = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
+    if info is None and (other := next((s for s in skipped if s.recipe_mismatch), None)):
+        changed = changed_fields(other.manifests[0].get("resume_identity", {}), recipe.resume_identity())
+        raise ValueError(
+            f"{recipe.run_dir} holds checkpoints of another recipe (changed: {', '.join(changed) or 'unknown'}); "
+            "put those settings back to continue it, or choose another run.name"
+        )
+    if info is not None:
+        check_compatible(info, recipe)
+    return info, skipped
+
+
+def _choose_on_rank0(recipe: Recipe) -> str | None:
+    info, skipped = choose_checkpoint(recipe)
     for bad in skipped:
         log.warning("skipping %s: %s (kept as %s)", bad.path.name, bad.reason, set_aside(bad).name)
     return None if info is None else str(info.path)
 
 
-def to_universal(info: CheckpointInfo, run_dir: Path) -> Path:
-    """Convert a checkpoint's DeepSpeed files into a universal checkpoint under `run_dir/.universal/`.
+def universal_dir(info: CheckpointInfo, run_dir: Path) -> Path:
+    """Where the universal conversion of `info` lives: named by the checkpoint and a digest of its
+    rank-0 manifest, so a later checkpoint reusing the folder name never hits a stale conversion."""
+    digest = sha256_file(info.path / "rank_0.json")[:16]
+    return run_dir / UNIVERSAL_DIR / f"{info.path.name}-{digest}"
 
-    Uses DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`).
+
+def to_universal(info: CheckpointInfo, run_dir: Path) -> Path:
+    """Convert a checkpoint's DeepSpeed files into a universal checkpoint under `run_dir/.universal/`
+    (DeepSpeed's own converter, `deepspeed.checkpoint.ds_to_universal`), atomically; conversions
+    of other checkpoints are removed.
 
     Raises:
         ValueError: the conversion failed (its output is included).
     """
-    out = run_dir / UNIVERSAL_DIR / info.path.name
+    out = universal_dir(info, run_dir)
     tag = deepspeed_tag(info.step)
-    done = out / tag / "mp_rank_00_model_states.pt"
-    if done.is_file():
+    if (out / "latest").is_file():
         return out
+    for stale in out.parent.glob("checkpoint_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-           str(info.path / tag), "--output_folder", str(out / tag), "--inject_missing_state",
+           str(info.path / tag), "--output_folder", str(partial / tag), "--inject_missing_state",
            "--num_extract_workers", "1", "--num_merge_workers", "1"]
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not done.is_file():
+    if proc.returncode != 0 or not (partial / tag / "mp_rank_00_model_states.pt").is_file():
         raise ValueError(f"cannot re-shard {info.path} for a new world size: {proc.stderr[-2000:]}")
-    (out / "latest").write_text(tag)
+    (partial / "latest").write_text(tag)
+    partial.rename(out)
     return out
+
+
+def check_compatible(info: CheckpointInfo, recipe: Recipe) -> None:
+    """Raise ValueError when the run cannot continue from `info` with this recipe's settings."""
+    stage = info.manifests[0].get("zero_stage")
+    if stage != recipe.distributed.zero_stage:
+        raise ValueError(
+            f"distributed.zero_stage: {info.path.name} was written with ZeRO-{stage}, this run asks for "
+            f"ZeRO-{recipe.distributed.zero_stage}; changing the ZeRO stage on resume is not supported "
+            f"(set distributed.zero_stage={stage})"
+        )
 
 
 def plan_resume(recipe: Recipe) -> ResumePlan:
     """Collective: every rank gets the same plan; rank 0 scans, sets aside and converts."""
-    choice = [_choose_on_rank0(recipe) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    if choice[0] is None:
+    message = [None, None]  # [chosen checkpoint path, error]
+    if dist.get_rank() == 0:
+        try:
+            message[0] = _choose_on_rank0(recipe)
+        except ValueError as err:
+            message[1] = str(err)
+    dist.broadcast_object_list(message, src=0)
+    if message[1]:
+        raise ValueError(message[1])
+    if message[0] is None:
         return ResumePlan()
-    info = inspect_checkpoint(Path(choice[0]), recipe.recipe_hash())
+    info = inspect_checkpoint(Path(message[0]), recipe.recipe_hash())
     if not info.valid:
         raise ValueError(f"checkpoint {info.path} became invalid while resuming: {info.reason}")
     if info.world_size == dist.get_world_size():
         return ResumePlan(info, info.path)
-    if dist.get_rank() == 0:
-        log.warning("re-sharding %s from %d to %d workers", info.path.name, info.world_size, dist.get_world_size())
+    if recipe.distributed.zero_stage == 0:  # no partitioned state: any world size loads it as is
+        return ResumePlan(info, info.path, reshard_data=True)
     error = [None]
     if dist.get_rank() == 0:
+        log.warning("re-sharding %s from %d to %d workers", info.path.name, info.world_size, dist.get_world_size())
         try:
             to_universal(info, recipe.run_dir)
         except ValueError as err:
@@ -102,7 +155,7 @@ def plan_resume(recipe: Recipe) -> ResumePlan:
     dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise ValueError(error[0])
-    return ResumePlan(info, recipe.run_dir / UNIVERSAL_DIR / info.path.name)
+    return ResumePlan(info, universal_dir(info, recipe.run_dir), reshard_data=True)
 
 
 def resumed_state(plan: ResumePlan, global_rank: int, world_size: int, batches_per_epoch) -> TrainState:
@@ -113,7 +166,7 @@ def resumed_state(plan: ResumePlan, global_rank: int, world_size: int, batches_p
     `batches_per_epoch` is the new stream's batch count per epoch for one rank.
     """
     manifests: list[dict[str, Any]] = plan.checkpoint.manifests
-    if not plan.reshard:
+    if not plan.reshard_data:
         return TrainState(**manifests[global_rank]["state"])
     old = manifests[0]["state"]
     old_world = len(manifests)

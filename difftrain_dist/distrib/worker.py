@@ -45,6 +45,9 @@ class Trainee:
     lora_config: Any
     device: torch.device
     noise_generator: torch.Generator
+    precomputed_conditioning: bool = False
+    """Use a batch's "conditioning" (precomputed from the stored captions) instead of encoding its
+    captions: only valid when the recipe's caption transforms leave captions as stored."""
 
 
 @dataclass
@@ -85,19 +88,46 @@ def setup_trainee(recipe: Recipe, global_rank: int, *, load_universal: bool = Fa
     adapter.denoiser.train()
     engine, _, _ = build_engine(adapter.denoiser, recipe, load_universal=load_universal)
     noise_generator = torch.Generator(device).manual_seed(recipe.run.seed * 1_000_003 + global_rank)
-    return Trainee(adapter, engine, lora_config, device, noise_generator)
+    return Trainee(adapter, engine, lora_config, device, noise_generator,
+                   precomputed_conditioning=captions_as_stored(recipe))
+
+
+def captions_as_stored(recipe: Recipe) -> bool:
+    """True when the recipe's caption transforms are all off, so a batch's captions are the ones
+    stored in the shards (and precomputed text embeddings of them can stand in for encoding)."""
+    data = recipe.data
+    return data.caption_dropout == 0 and not data.shuffle_captions and data.trigger_word is None
 
 
 def train_micro_batch(trainee: Trainee, batch: dict[str, Any]) -> float:
-    """One forward/backward on one micro-batch; returns its loss (the engine steps at boundaries)."""
-    pixels = batch["pixel_values"].to(trainee.device, non_blocking=True)
+    """One forward/backward on one micro-batch; returns its loss (the engine steps at boundaries).
+
+    Latents come from the batch's precomputed "latent_parameters" when present (the same draw from
+    the noise generator as encoding the pixels), else from encoding "pixel_values"; conditioning
+    from the batch's precomputed "conditioning" when `trainee.precomputed_conditioning`, else from
+    encoding "captions".
+    """
     with torch.no_grad():
-        latents = trainee.adapter.encode_images(pixels, generator=trainee.noise_generator)
-        conditioning = trainee.adapter.encode_prompts(batch["captions"])
+        latents = _latents(trainee, batch)
+        conditioning = _conditioning(trainee, batch)
     loss = trainee.adapter.training_loss(trainee.engine, latents, conditioning, trainee.noise_generator)
     trainee.engine.backward(loss)
     trainee.engine.step()
     return float(loss.detach())
+
+
+def _latents(trainee: Trainee, batch: dict[str, Any]) -> torch.Tensor:
+    if "latent_parameters" in batch:
+        parameters = batch["latent_parameters"].to(trainee.device, non_blocking=True)
+        return trainee.adapter.latents_from_parameters(parameters, generator=trainee.noise_generator)
+    pixels = batch["pixel_values"].to(trainee.device, non_blocking=True)
+    return trainee.adapter.encode_images(pixels, generator=trainee.noise_generator)
+
+
+def _conditioning(trainee: Trainee, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if trainee.precomputed_conditioning and "conditioning" in batch:
+        return {name: value.to(trainee.device, non_blocking=True) for name, value in batch["conditioning"].items()}
+    return trainee.adapter.encode_prompts(batch["captions"])
 
 
 def reduce_step_stats(loss: float, stop: bool) -> tuple[float, bool]:
@@ -123,6 +153,7 @@ def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: f
         "world_size": dist.get_world_size(),
         "zero_stage": recipe.distributed.zero_stage,
         "recipe_hash": recipe.recipe_hash(),
+        "resume_identity": recipe.resume_identity(),
         "recipe": recipe.model_dump(mode="json"),
         "lora_config": lora_config_dict(trainee.lora_config),
         "loss": loss,
@@ -180,7 +211,25 @@ def _stream(recipe: Recipe, state: TrainState | None = None) -> ShardStream:
         start_epoch=state.epoch,
         start_batch=state.batch_in_epoch,
         num_workers=recipe.data.loader_workers,
+        caption_dropout=recipe.data.caption_dropout,
+        shuffle_captions=recipe.data.shuffle_captions,
+        keep_tokens=recipe.data.keep_tokens,
+        trigger_word=recipe.data.trigger_word,
     )
+
+
+def _check_precomputed(recipe: Recipe, stream: ShardStream) -> None:
+    """Precomputed latents must come from this architecture; warn when from another model path."""
+    pre = stream.index.precomputed
+    if pre is None:
+        return
+    if pre.arch != recipe.model.arch:
+        raise ValueError(f"data.shards: {recipe.data.shards} was precomputed for arch {pre.arch!r}, "
+                         f"but model.arch is {recipe.model.arch!r}; run `shards precompute` again")
+    local = Path(recipe.model.path).expanduser()
+    model = str(local.resolve()) if local.exists() else str(recipe.model.path)
+    if pre.model != model and dist.get_rank() == 0:
+        log.warning("data.shards was precomputed with model %s, training uses %s", pre.model, model)
 
 
 def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
@@ -196,6 +245,7 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
     trainee = setup_trainee(recipe, dist.get_rank(), load_universal=plan.reshard)
     state = _load(trainee, recipe, plan, _stream(recipe).batches_per_epoch)
     stream = _stream(recipe, state)
+    _check_precomputed(recipe, stream)
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps
     meter = Throughput(recipe.data.micro_batch_size * gas * dist.get_world_size(), state.step)

@@ -31,3 +31,5 @@ def checkpoints(
         table.add_row(str(info.step), status, f"{info.size_bytes / 2**20:.1f} MiB", loss,
                       str(info.world_size or "-"), info.path.name)
     console.print(table)
+    for folder in sorted(run_dir.glob("checkpoint_*.invalid-*")):
+        console.print(f"set aside (invalid when a run resumed, kept for inspection): {folder.name}")

@@ -22,3 +22,20 @@ def user_errors() -> Iterator[None]:
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(EXIT_USAGE) from None
+
+
+@contextlib.contextmanager
+def training_errors() -> Iterator[None]:
+    """A run that failed inside its workers: one line naming the worker's error, exit 1 (the
+    workers' tracebacks are in the log above)."""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        last = [line for line in str(cause).strip().splitlines() if line.strip()][-1:]
+        console.print(f"[red]error:[/red] training failed: {last[0] if last else type(cause).__name__}")
+        raise typer.Exit(1) from None

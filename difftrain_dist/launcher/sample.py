@@ -9,6 +9,8 @@ import typer
 
 from difftrain_dist.launcher.common import console, user_errors
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
 
 def sample(
     model: Annotated[str, typer.Argument(help="Diffusers model folder or hub id.")],
@@ -17,7 +19,7 @@ def sample(
     lora: Annotated[Path | None, typer.Option(help="LoRA .safetensors file to load.")] = None,
     arch: Annotated[str, typer.Option(help="Model architecture.")] = "sd15",
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
     resolution: Annotated[
         int | None, typer.Option(help="Image side in pixels (default: the model's native size).")
     ] = None,
@@ -30,8 +32,13 @@ def sample(
     with user_errors():
         if lora is not None and not lora.is_file():
             raise ValueError(f"--lora: no such file {lora}")
-        images = render_samples(model, prompt, pipeline_class=get_adapter(arch).pipeline_class, lora=lora,
-                                seed=seed, steps=steps, resolution=resolution, guidance_scale=guidance_scale)
+        if out.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"--out: {out} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+        try:
+            images = render_samples(model, prompt, pipeline_class=get_adapter(arch).pipeline_class, lora=lora,
+                                    seed=seed, steps=steps, resolution=resolution, guidance_scale=guidance_scale)
+        except OSError as err:
+            raise ValueError(f"cannot load {lora or model}: {err}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(out)
     console.print(f"wrote {out}")

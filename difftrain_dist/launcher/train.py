@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftrain_dist.config import Recipe, load_recipe
-from difftrain_dist.launcher.common import EXIT_PREEMPTED, console, user_errors
+from difftrain_dist.launcher.common import EXIT_PREEMPTED, console, training_errors, user_errors
 
 SetOption = Annotated[
     list[str] | None,
@@ -48,13 +48,16 @@ def resume(
     """Continue a run from its newest valid checkpoint with the recipe it was started with
     (`RUN_DIR/recipe.yaml`); `--set` may change e.g. train.max_steps or distributed.num_workers."""
     run_dir = run_dir.resolve()
-    overrides = [f"run.storage_path={run_dir.parent}", f"run.name={run_dir.name}", *(set_ or [])]
+    overrides = list(set_ or [])
     if address:
         overrides.append(f"distributed.address={address}")
     with user_errors():
         if not (run_dir / "recipe.yaml").is_file():
             raise ValueError(f"{run_dir} has no recipe.yaml: is it a run folder made by `difftrain-dist train`?")
-        cfg = load_recipe(run_dir / "recipe.yaml", overrides)
+        if any(o.split("=", 1)[0].strip() in ("run.name", "run.storage_path") for o in overrides):
+            raise ValueError("resume continues RUN_DIR itself: run.name and run.storage_path cannot be --set")
+        cfg = load_recipe(run_dir / "recipe.yaml", overrides,
+                          replace={"run.storage_path": str(run_dir.parent), "run.name": run_dir.name})
     run(cfg, progress)
 
 
@@ -66,7 +69,7 @@ def run(cfg: Recipe, progress: bool) -> None:
         f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "
         f"ZeRO-{cfg.distributed.zero_stage}, {cfg.train.max_steps} steps, checkpoints in {cfg.run_dir}"
     )
-    with user_errors():
+    with user_errors(), training_errors():
         result = run_training(cfg, show_progress=progress)
     console.print(f"LoRA written: [bold]{result.lora_path}[/bold] (step {result.step}, from {result.checkpoint})")
     if result.preempted:

@@ -66,6 +66,16 @@ class DiffusionAdapter(abc.ABC):
     ) -> torch.Tensor:
         """Scaled VAE latents for a batch of images in [-1, 1]."""
 
+    @abc.abstractmethod
+    def latent_parameters(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE posterior parameters of a batch of images in [-1, 1] (what precompute stores)."""
+
+    @abc.abstractmethod
+    def latents_from_parameters(
+        self, parameters: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latents from `latent_parameters` output; equals `encode_images` on the pixels."""
+
     def training_loss(
         self,
         denoiser: Callable[..., Any],

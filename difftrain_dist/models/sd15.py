@@ -9,6 +9,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from difftrain_dist.models.base import (
@@ -122,6 +123,15 @@ class SD15Adapter(DiffusionAdapter):
         Returns [B, 4, H/8, W/8] float32 on `self.device`.
         Raises ValueError for a wrong shape.
         """
+        return self.latents_from_parameters(self.latent_parameters(pixel_values), generator=generator)
+
+    @torch.no_grad()
+    def latent_parameters(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (mean and log-variance concatenated on channels).
+
+        What `shards build --precompute` stores: [B, 8, H/8, W/8] float32 on `self.device`.
+        Raises ValueError for a wrong shape.
+        """
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
@@ -133,6 +143,15 @@ class SD15Adapter(DiffusionAdapter):
                 f"got {tuple(pixel_values.shape[2:])}"
             )
         pixels = pixel_values.to(device=self.device, dtype=self.vae.dtype)
-        posterior = self.vae.encode(pixels).latent_dist
+        return self.vae.encode(pixels).latent_dist.parameters.float()
+
+    @torch.no_grad()
+    def latents_from_parameters(
+        self, parameters: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latents from stored posterior parameters: a sample drawn with `generator`
+        (diffusers' `DiagonalGaussianDistribution.sample`), or the mean when it is None.
+        Same result as `encode_images` on the pixels the parameters came from."""
+        posterior = DiagonalGaussianDistribution(parameters.to(self.device, self.vae.dtype))
         latents = posterior.mean if generator is None else posterior.sample(generator=generator)
         return (latents * self.vae.config.scaling_factor).float()
