@@ -164,21 +164,28 @@ def inspect_checkpoint(path: Path, recipe_hash: str | None = None) -> Checkpoint
     return info
 
 
-def list_checkpoints(run_dir: Path, recipe_hash: str | None = None) -> list[CheckpointInfo]:
-    """Every checkpoint folder of a run, oldest first, each validated."""
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's `checkpoint_<step>` folders, oldest first (not validated)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    folders = sorted(p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name))
-    return [inspect_checkpoint(p, recipe_hash) for p in folders]
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name))
+
+
+def list_checkpoints(run_dir: Path, recipe_hash: str | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint folder of a run, oldest first, each validated."""
+    return [inspect_checkpoint(p, recipe_hash) for p in checkpoint_folders(run_dir)]
 
 
 def find_resume_checkpoint(
     run_dir: Path, recipe_hash: str | None = None
 ) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
-    """The newest valid checkpoint of a run and the newer ones skipped (each with its reason)."""
+    """The newest valid checkpoint of a run and the newer ones skipped (each with its reason).
+
+    Older checkpoints are not read (validation hashes every file)."""
     skipped = []
-    for info in reversed(list_checkpoints(run_dir, recipe_hash)):
+    for folder in reversed(checkpoint_folders(run_dir)):
+        info = inspect_checkpoint(folder, recipe_hash)
         if info.valid:
             return info, skipped
         skipped.append(info)
