@@ -96,6 +96,7 @@ def test_sigterm_to_driver_stops_with_checkpoint_then_resume_is_exact(reference,
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-4000:]
     assert "stopping after the current step" in err
+    assert not (tmp_path / "out" / "rs.safetensors").exists(), "a stopped run wrote the final LoRA name"
     stopped = [c for c in list_checkpoints(tmp_path / "rs") if c.valid][-1]
     assert EVERY < stopped.step < MAX_STEPS, "the stop did not save the step it reached"
     resumed = run(cli("resume", str(tmp_path / "rs"), "--no-progress"), tmp_path)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from difftrain_dist.config import Recipe
-from difftrain_dist.distrib.checkpoint import find_resume_checkpoint
+from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.session import LocalSession
 from difftrain_dist.distrib.worker import train_worker
@@ -28,9 +28,10 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
     (torchrun sets them; under srun `SLURM_PROCID`/`SLURM_NTASKS` are used).
 
     Returns:
-        (LoRA file, stopped early): on rank 0 the consolidated `output_dir/<name>.safetensors`,
-        None on other ranks; stopped early is True when SIGTERM/SIGUSR1 ended the run before
-        `train.max_steps` (its last checkpoint is saved; run again to continue).
+        (LoRA file, stopped early): on rank 0 the consolidated `output_dir/<name>.safetensors`
+        (the last checkpoint's `lora.safetensors` when stopped early), None on other ranks;
+        stopped early is True when SIGTERM/SIGUSR1 ended the run before `train.max_steps` (its
+        last checkpoint is saved; run again to continue).
 
     Raises:
         ValueError: the rendezvous variables are missing.
@@ -50,7 +51,8 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
         if final is None:
             raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")
-        path = export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
-        return path, result.stopped_early
+        if result.stopped_early:  # an unfinished run leaves the final name alone
+            return final.path / LORA_FILE, True
+        return export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors"), False
     finally:
         dist.destroy_process_group()

@@ -22,7 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from difftrain_dist.config import Recipe
-from difftrain_dist.distrib.checkpoint import find_resume_checkpoint
+from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay
 from difftrain_dist.distrib.resume import choose_checkpoint
@@ -69,6 +69,7 @@ class TrainingResult:
     """What a run left behind."""
 
     lora_path: Path
+    """`output_dir/<name>.safetensors`; for a preempted run, the last checkpoint's LoRA."""
     checkpoint: Path
     step: int
     preempted: bool
@@ -187,6 +188,8 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
     if final is None:
         raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")
-    lora_path = export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
     preempted = bool(signals) and final.step < recipe.train.max_steps
+    lora_path = final.path / LORA_FILE  # an unfinished run leaves the final name alone
+    if not preempted:
+        lora_path = export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
     return TrainingResult(lora_path=lora_path, checkpoint=final.path, step=final.step, preempted=preempted)

@@ -246,6 +246,8 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
     state = _load(trainee, recipe, plan, _stream(recipe).batches_per_epoch)
     stream = _stream(recipe, state)
     _check_precomputed(recipe, stream)
+    if state.step >= recipe.train.max_steps and dist.get_rank() == 0:
+        log.warning("already at step %d >= train.max_steps %d: nothing to train", state.step, recipe.train.max_steps)
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps
     meter = Throughput(recipe.data.micro_batch_size * gas * dist.get_world_size(), state.step)

@@ -71,8 +71,9 @@ def run(cfg: Recipe, progress: bool) -> None:
     )
     with user_errors(), training_errors():
         result = run_training(cfg, show_progress=progress)
-    console.print(f"LoRA written: [bold]{result.lora_path}[/bold] (step {result.step}, from {result.checkpoint})")
     if result.preempted:
-        console.print(f"[yellow]stopped at step {result.step} of {cfg.train.max_steps}[/yellow]; "
-                      f"run the same command again or `difftrain-dist resume {cfg.run_dir}` to continue")
+        console.print(f"[yellow]stopped at step {result.step} of {cfg.train.max_steps}[/yellow] "
+                      f"(latest LoRA: {result.lora_path}); run the same command again or "
+                      f"`difftrain-dist resume {cfg.run_dir}` to continue")
         raise typer.Exit(EXIT_PREEMPTED)
+    console.print(f"LoRA written: [bold]{result.lora_path}[/bold] (step {result.step}, from {result.checkpoint})")

@@ -22,7 +22,10 @@ def worker(
         from difftrain_dist.distrib.local_launch import run_local_worker
 
         path, stopped_early = run_local_worker(cfg)
+    if stopped_early:
+        if path is not None:
+            console.print(f"[yellow]stopped before train.max_steps[/yellow] (latest LoRA: {path}); "
+                          "run again to continue")
+        raise typer.Exit(EXIT_PREEMPTED)
     if path is not None:
         console.print(f"LoRA written: [bold]{path}[/bold]")
-    if stopped_early:
-        raise typer.Exit(EXIT_PREEMPTED)
