@@ -28,6 +28,16 @@ def unet_output(unet: UNet2DConditionModel) -> torch.Tensor:
     return unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
 
 
+def outputs_without_and_with_lora(model: Path, lora_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline UNet's prediction before and after `pipeline.load_lora_weights(lora_file)`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    base = unet_output(pipe.unet)
+    pipe.load_lora_weights(str(lora_file))
+    return base, unet_output(pipe.unet)
+
+
 def lora_scale(header: dict[str, str], prefix: str = "unet") -> float:
     """alpha / r read from the file's `lora_adapter_metadata` header."""
     config = json.loads(header[LORA_ADAPTER_METADATA_KEY])

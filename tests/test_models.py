@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig
 
 from difftrain_dist.models import (
@@ -29,7 +28,7 @@ from difftrain_dist.models import (
 )
 from difftrain_dist.models.tiny import tiny_clip_vocab
 
-from .lora_checks import hand_merged_unet, unet_output
+from .lora_checks import hand_merged_unet, lora_scale, outputs_without_and_with_lora, unet_output
 
 RANK, ALPHA = 4, 8.0  # alpha != rank so the alpha / rank scaling is exercised
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -38,9 +37,10 @@ ATOL = 1e-5
 FIXED_DATE = "2026-01-01T00:00:00+00:00"
 
 
-@pytest.fixture(scope="module")
-def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_tiny("sd15", tmp_path_factory.mktemp("tiny_sd15"), seed=0)
+@pytest.fixture(scope="session")
+def tiny_sd15(tiny_sd15_model: Path) -> Path:
+    """The session's tiny SD1.5 pipeline (built once, in conftest.py)."""
+    return tiny_sd15_model
 
 
 def _load_adapter(path: Path, **kwargs) -> DiffusionAdapter:
@@ -290,14 +290,9 @@ def test_diffusers_lora_file_equals_hand_merged_weights(tiny_sd15: Path, lora_fi
     assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8.0"
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert header["modelspec.date"] == FIXED_DATE
-    adapter_config = json.loads(header[LORA_ADAPTER_METADATA_KEY])
-    scale = adapter_config["unet.lora_alpha"] / adapter_config["unet.r"]
-    assert scale == ALPHA / RANK  # read from the file; cross-checked against the constants
+    assert lora_scale(header) == ALPHA / RANK  # read from the file; cross-checked against the constants
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
-    base_out = unet_output(pipe.unet)
-    pipe.load_lora_weights(str(path))
-    lora_out = unet_output(pipe.unet)
+    base_out, lora_out = outputs_without_and_with_lora(tiny_sd15, path)
     assert (lora_out - base_out).abs().max() > 1e-3
 
     merged, n_merged = hand_merged_unet(tiny_sd15, path)

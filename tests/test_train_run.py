@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
 
 from difftrain_dist.distrib.checkpoint import inspect_checkpoint, list_checkpoints
 from difftrain_dist.models import read_lora_file
 
-from .lora_checks import hand_merged_unet, unet_output
+from .lora_checks import hand_merged_unet, outputs_without_and_with_lora, unet_output
 from .procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -87,10 +86,7 @@ def test_exported_lora_equals_in_memory_lora_of_last_checkpoint(trained_run):
 def test_trained_lora_loads_in_diffusers_and_equals_hand_merge(trained_run, tiny_sd15_model):
     work, _ = trained_run
     lora_file = work / "out" / "tiny.safetensors"
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_model)
-    base = unet_output(pipe.unet)
-    pipe.load_lora_weights(str(lora_file))
-    with_lora = unet_output(pipe.unet)
+    base, with_lora = outputs_without_and_with_lora(tiny_sd15_model, lora_file)
     assert (with_lora - base).abs().max() > 1e-4
     merged, count = hand_merged_unet(tiny_sd15_model, lora_file)
     assert count > 0
