@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,13 @@ def test_save_lora_file_rejects_bad_input(tmp_path: Path, lora_files: dict) -> N
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(ValueError, match="nope.safetensors"):
         read_lora_file(tmp_path / "nope.safetensors")
+
+
+def test_lora_file_mode_follows_the_umask(tmp_path: Path, lora_files: dict) -> None:
+    old = os.umask(0o022)
+    try:
+        path = save_lora_file(tmp_path / "x.safetensors", lora_files["state"], prefix="unet",
+                              lora_config={"r": RANK, "lora_alpha": ALPHA})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

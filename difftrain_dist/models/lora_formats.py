@@ -144,6 +144,9 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], header: dict[str,
         safetensors.torch.save_file(tensors, str(tmp), metadata=header)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; other users' ComfyUI must read it
         os.replace(tmp, path)
     finally:
         if tmp.exists():
