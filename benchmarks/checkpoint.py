@@ -81,7 +81,7 @@ class SdxlSizedLora(nn.Module):
 def consolidation_time(root: Path) -> dict:
     import deepspeed
 
-    module = SdxlSizedLora()
+    module = nn.ModuleDict({"unet": SdxlSizedLora()})  # parameter names as the trainer's: "unet.…"
     params = sum(p.numel() for p in module.parameters())
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
               "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
@@ -92,11 +92,11 @@ def consolidation_time(root: Path) -> dict:
     engine.save_checkpoint(str(ckpt), tag=deepspeed_tag(1), exclude_frozen_parameters=True)
     lora_config = {"r": 16, "lora_alpha": 16, "target_modules": ["to_k", "to_out", "to_q", "to_v"]}
     weights = strip_adapter_name({k: v.detach() for k, v in module.named_parameters()})
-    save_lora_file(ckpt / "lora.safetensors", weights, prefix="unet", lora_config=lora_config)
-    recipe = {"model": {"arch": "sd15", "path": "sdxl-sized"}, "data": {"resolution": 1024},
+    save_lora_file(ckpt / "lora.safetensors", weights, lora_configs={"unet": lora_config})
+    recipe = {"model": {"arch": "sdxl", "path": "sdxl-sized"}, "data": {"resolution": 1024},
               "run": {"seed": 0, "name": "sdxl-sized"}}
     write_rank_manifest(ckpt, 0, {"step": 1, "world_size": 1, "zero_stage": 2, "recipe_hash": "x",
-                                  "recipe": recipe, "lora_config": lora_config})
+                                  "recipe": recipe, "lora_configs": {"unet": lora_config}})
     seconds = timed(lambda: export_checkpoint(ckpt, root / "sdxl.safetensors"), repeats=3)
     size = (root / "sdxl.safetensors").stat().st_size
     return {"lora_params": params, "consolidate_s": seconds, "lora_file_mib": size / 2**20}

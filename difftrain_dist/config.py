@@ -39,15 +39,30 @@ class RunSection(_Section):
     """Folder holding `<name>/checkpoint_<step>/`; shared storage on multi-node clusters."""
 
 
+ARCHS = ("sd15", "sdxl", "sd3", "flux")
+DDPM_ARCHS = ("sd15", "sdxl")
+TEXT_ENCODER_LORA_ARCHS = ("sd15", "sdxl")
+
+
 class ModelSection(_Section):
-    arch: Literal["sd15"] = "sd15"
-    """Model architecture; picks the adapter from the registry."""
+    arch: Literal["sd15", "sdxl", "sd3", "flux"] = "sd15"
+    """Model architecture (sd15, sdxl, sd3, flux — FLUX.1 dev or schnell); picks the adapter."""
     path: str
     """Local diffusers folder or Hugging Face hub id, loaded with `from_pretrained`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the frozen base weights on GPU (CPU runs always use float32)."""
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    """Override of the scheduler's prediction type; None keeps the model's own."""
+    """Override of the scheduler's prediction type (sd15, sdxl); None keeps the model's own."""
+    use_t5: bool = True
+    """sd3 only: load the T5 text encoder (text_encoder_3); false trains without it (zeros)."""
+
+    @model_validator(mode="after")
+    def _arch_options(self) -> ModelSection:
+        if self.prediction_type is not None and self.arch not in DDPM_ARCHS:
+            raise ValueError(f"prediction_type applies to {list(DDPM_ARCHS)}; {self.arch} is a flow-matching model")
+        if not self.use_t5 and self.arch != "sd3":
+            raise ValueError(f"use_t5: false is only for sd3 (T5 is optional there); {self.arch} needs its encoders")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -71,6 +86,10 @@ class LoraSection(_Section):
     """Module names that receive LoRA; None uses the architecture's default attention projections."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout probability on the LoRA input."""
+    train_text_encoder: bool = False
+    """Also train a LoRA on the text encoder(s) (sd15, sdxl), with the same rank and alpha."""
+    text_encoder_target_modules: list[str] | None = Field(None, min_length=1)
+    """Text-encoder modules that receive LoRA; None uses CLIP's q/k/v/out projections."""
 
 
 class DataSection(_Section):
@@ -135,6 +154,19 @@ class TrainSection(_Section):
     """Gradient clipping norm; None disables clipping."""
     log_every_n_steps: int = Field(1, ge=1)
     """How often rank 0 reports loss and throughput."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid"] = "uniform"
+    """How training timesteps are drawn: uniform, or sigmoid of a normal (SD3 paper's
+    logit-normal; kohya calls it "sigmoid"; the two names are the same distribution)."""
+    logit_mean: float = 0.0
+    """Mean of the normal for logit_normal/sigmoid sampling."""
+    logit_std: float = Field(1.0, gt=0)
+    """Standard deviation for logit_normal/sigmoid sampling (kohya's sigmoid_scale)."""
+    flow_shift: float | None = Field(None, gt=0)
+    """sd3/flux: fixed timestep shift; None uses the model's (SD3: 3.0; FLUX.1-dev: by resolution)."""
+    guidance_scale: float = Field(1.0, ge=0)
+    """flux dev: the guidance-embedding input during training (1.0 as in diffusers' script)."""
 
 
 class DistributedSection(_Section):
@@ -159,6 +191,27 @@ class CheckpointSection(_Section):
     """Checkpoints kept; None keeps all. The newest valid one is never removed."""
 
 
+class SampleSection(_Section):
+    every_n_steps: int | None = Field(None, ge=1)
+    """Render `prompts` every this many optimizer steps (rank 0, in-memory LoRA); None: never."""
+    prompts: list[str] = []
+    """Prompts of the sample grid, one image each."""
+    seed: int = Field(0, ge=0, lt=2**63)
+    """Seed of the initial noise: the same at every step, so grids compare across steps."""
+    num_inference_steps: int = Field(20, ge=1)
+    """Denoising steps of the model's own scheduler."""
+    guidance_scale: float | None = Field(None, ge=0)
+    """Guidance scale; None uses the architecture's usual value (sd15 7.5, sdxl 5, sd3 7, flux 3.5)."""
+    resolution: int | None = Field(None, ge=64, multiple_of=16)
+    """Side of the square samples in px; None uses data.resolution."""
+
+    @model_validator(mode="after")
+    def _prompts_when_enabled(self) -> SampleSection:
+        if self.every_n_steps is not None and not self.prompts:
+            raise ValueError("every_n_steps is set but prompts is empty; give at least one prompt")
+        return self
+
+
 class Recipe(_Section):
     """A whole training run. Load with :func:`load_recipe`."""
 
@@ -169,11 +222,23 @@ class Recipe(_Section):
     train: TrainSection
     distributed: DistributedSection = DistributedSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    sample: SampleSection = SampleSection()
 
     @model_validator(mode="after")
     def _cpu_runs_in_fp32(self) -> Recipe:
         if not self.distributed.use_gpu and self.model.dtype != "float32":
             raise ValueError("model.dtype: CPU runs train in float32; set distributed.use_gpu=true for bfloat16")
+        return self
+
+    @model_validator(mode="after")
+    def _arch_fits_options(self) -> Recipe:
+        arch = self.model.arch
+        if self.lora.train_text_encoder and arch not in TEXT_ENCODER_LORA_ARCHS:
+            raise ValueError(f"lora.train_text_encoder: supported for {list(TEXT_ENCODER_LORA_ARCHS)}, not {arch}")
+        if self.lora.text_encoder_target_modules and not self.lora.train_text_encoder:
+            raise ValueError("lora.text_encoder_target_modules is set but lora.train_text_encoder is false")
+        if self.train.flow_shift is not None and arch in DDPM_ARCHS:
+            raise ValueError(f"train.flow_shift applies to flow-matching models (sd3, flux), not {arch}")
         return self
 
     @property
@@ -190,6 +255,7 @@ class Recipe(_Section):
             "model.arch": self.model.arch,
             "model.path": _model_identity(self.model.path),
             "model.prediction_type": self.model.prediction_type,
+            "model.use_t5": self.model.use_t5,
             "lora": self.lora.model_dump(mode="json"),
             "data.shards": _shards_identity(self.data.shards),
             "data.micro_batch_size": self.data.micro_batch_size,

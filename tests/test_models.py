@@ -118,7 +118,7 @@ def test_adapter_loads_frozen_and_encodes(tiny_sd15: Path) -> None:
     adapter = _load_adapter(tiny_sd15)
     assert adapter.arch == "sd15" and adapter.lora_prefix == "unet"
     assert adapter.pipeline_class is StableDiffusionPipeline
-    for module in (adapter.denoiser, adapter.vae, adapter.text_encoder):
+    for module in (adapter.denoiser, adapter.vae, adapter.components["text_encoder"]):
         assert not module.training
         assert not any(p.requires_grad for p in module.parameters())
     conditioning = adapter.encode_prompts(["a cat", "the dog"])
@@ -188,7 +188,7 @@ def test_training_loss_reproducible_per_generator(tiny_sd15: Path) -> None:
 
 def test_bf16_base_with_fp32_lora_trains(tiny_sd15: Path) -> None:
     adapter = _load_adapter_bf16(tiny_sd15)
-    for module in (adapter.denoiser, adapter.vae, adapter.text_encoder):
+    for module in (adapter.denoiser, adapter.vae, adapter.components["text_encoder"]):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     inject_lora(adapter.denoiser, rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     trainable = [p for p in adapter.denoiser.parameters() if p.requires_grad]
@@ -254,7 +254,8 @@ def test_strip_adapter_name_matches_peft_state_dict(tiny_sd15: Path) -> None:
         assert value.dtype == torch.float32 and value.is_contiguous()
         assert torch.equal(value, stripped[key])
     with pytest.raises(ValueError, match="strip_adapter_name"):
-        save_lora_file(Path("unused.safetensors"), raw, prefix="unet", lora_config={"r": 4})
+        save_lora_file(Path("unused.safetensors"), {f"unet.{k}": v for k, v in raw.items()},
+                       lora_configs={"unet": {"r": 4, "lora_alpha": 4}})
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +263,7 @@ def lora_files(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     config = inject_lora(unet, rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     _randomize_lora(unet, seed=11)
-    state = lora_state_dict(unet)
+    state = {f"unet.{key}": value for key, value in lora_state_dict(unet).items()}
     out = tmp_path_factory.mktemp("lora")
     metadata = training_metadata(
         arch="sd15", base_model=str(tiny_sd15), rank=RANK, alpha=ALPHA, steps=10,
@@ -271,8 +272,8 @@ def lora_files(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     files = {}
     for fmt in ("diffusers", "kohya"):
         files[fmt] = save_lora_file(
-            out / f"{fmt}.safetensors", state, prefix="unet",
-            lora_config=lora_config_dict(config), fmt=fmt, metadata=metadata,
+            out / f"{fmt}.safetensors", state, lora_configs={"unet": lora_config_dict(config)},
+            fmt=fmt, kohya_prefixes={"unet": "lora_unet"}, metadata=metadata,
         )
     return {"state": state, **files}
 
@@ -286,7 +287,7 @@ def _pipeline_with_lora(model: Path, lora_file: Path) -> StableDiffusionPipeline
 def test_diffusers_lora_file_equals_hand_merged_weights(tiny_sd15: Path, lora_files: dict) -> None:
     path = lora_files["diffusers"]
     tensors, header = read_lora_file(path)
-    assert set(tensors) == {f"unet.{key}" for key in lora_files["state"]}
+    assert set(tensors) == set(lora_files["state"])
     assert header["format"] == "pt"
     assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8.0"
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
@@ -307,7 +308,7 @@ def test_kohya_lora_file_keys_and_same_output(tiny_sd15: Path, lora_files: dict)
     assert header["ss_network_alpha"] == "8.0" and header["ss_network_dim"] == "4"
     assert len(tensors) == len(state) // 2 * 3
     stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    peft_key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    peft_key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert torch.equal(tensors[f"{stem}.lora_down.weight"], state[f"{peft_key}.lora_A.weight"])
     assert torch.equal(tensors[f"{stem}.lora_up.weight"], state[f"{peft_key}.lora_B.weight"])
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha" in tensors
@@ -326,13 +327,15 @@ def test_kohya_lora_file_keys_and_same_output(tiny_sd15: Path, lora_files: dict)
 
 def test_save_lora_file_rejects_bad_input(tmp_path: Path, lora_files: dict) -> None:
     state = lora_files["state"]
-    config = {"r": RANK, "lora_alpha": ALPHA}
+    configs = {"unet": {"r": RANK, "lora_alpha": ALPHA}}
     with pytest.raises(ValueError, match="fmt"):
-        save_lora_file(tmp_path / "x.safetensors", state, prefix="unet", lora_config=config,
-                       fmt="ckpt")
+        save_lora_file(tmp_path / "x.safetensors", state, lora_configs=configs, fmt="ckpt")
     with pytest.raises(ValueError, match="ss_steps"):
-        save_lora_file(tmp_path / "x.safetensors", state, prefix="unet", lora_config=config,
-                       metadata={"ss_steps": 10})
+        save_lora_file(tmp_path / "x.safetensors", state, lora_configs=configs, metadata={"ss_steps": 10})
+    with pytest.raises(ValueError, match="text_encoder"):
+        save_lora_file(tmp_path / "x.safetensors", state, lora_configs={"text_encoder": configs["unet"]})
+    with pytest.raises(ValueError, match="kohya key layout.*unet"):
+        save_lora_file(tmp_path / "x.safetensors", state, lora_configs=configs, fmt="kohya", kohya_prefixes={})
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(ValueError, match="nope.safetensors"):
         read_lora_file(tmp_path / "nope.safetensors")
@@ -341,8 +344,8 @@ def test_save_lora_file_rejects_bad_input(tmp_path: Path, lora_files: dict) -> N
 def test_lora_file_mode_follows_the_umask(tmp_path: Path, lora_files: dict) -> None:
     old = os.umask(0o022)
     try:
-        path = save_lora_file(tmp_path / "x.safetensors", lora_files["state"], prefix="unet",
-                              lora_config={"r": RANK, "lora_alpha": ALPHA})
+        path = save_lora_file(tmp_path / "x.safetensors", lora_files["state"],
+                              lora_configs={"unet": {"r": RANK, "lora_alpha": ALPHA}})
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644

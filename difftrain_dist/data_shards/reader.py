@@ -50,6 +50,9 @@ class ShardStream(IterableDataset):
             `SHARD/KEY#c` for repeat copy c > 0: unique within an epoch, for tracing;
         "epoch": int;
         "batch_in_epoch": int, the rank-level batch index in the epoch (the resume cursor);
+        "original_sizes": int64 Tensor [B, 2], (height, width) of each source image in px;
+        "crops_top_left": int64 Tensor [B, 2], (top, left) of its centre crop in the resized
+            image, px (SDXL's micro-conditioning; see `size_conditioning`);
     and, when the index has a `precomputed` block (see precomputed.py), also
         "latent_parameters": float32 Tensor [B, 2C, h, w], VAE posterior parameters of the pixels;
         "conditioning": {name: float32 Tensor [B, ...]}, `encode_prompts` of the captions as
@@ -210,8 +213,9 @@ class ShardStream(IterableDataset):
                              f"with a 'bucket' listed in index.json ({self._bucket_names})") from None
 
     def _collate(self, batch: list[Sample], bucket: Bucket, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
-        pixels = []
+        pixels, sizes = [], []
         for sample in batch:
+            sizes.append(size_conditioning(sample, bucket))
             image = decode_image(sample)
             if image.shape[:2] != (bucket[1], bucket[0]):
                 raise ValueError(f"sample {sample['__key__']}: image is {image.shape[1]}x{image.shape[0]} px, "
@@ -227,8 +231,33 @@ class ShardStream(IterableDataset):
             "keys": [s["__key__"] for s in batch],
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
+            "original_sizes": torch.tensor([size[0] for size in sizes], dtype=torch.int64),
+            "crops_top_left": torch.tensor([size[1] for size in sizes], dtype=torch.int64),
             **extra,
         }
+
+
+def size_conditioning(sample: Sample, bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((height, width) of the source image, (top, left) of the crop), in px.
+
+    The source size comes from KEY.json's "width"/"height" (as displayed, written by
+    `shards build`). The crop is where the bucket's centre crop starts in the image scaled to
+    cover the bucket (`images.fit_to_bucket`), the coordinates diffusers'
+    train_text_to_image_sdxl.py passes as `crops_coords_top_left`. A sample without sizes
+    (a tar from elsewhere) counts as uncropped at the bucket size.
+    """
+    width, height = bucket
+    try:
+        meta = json.loads(sample["json"])
+        source_w, source_h = int(meta["width"]), int(meta["height"])
+    except (KeyError, TypeError, ValueError):
+        return (height, width), (0, 0)
+    if source_w <= 0 or source_h <= 0:
+        return (height, width), (0, 0)
+    scale = max(width / source_w, height / source_h)
+    top = max(0, round((source_h * scale - height) / 2))
+    left = max(0, round((source_w * scale - width) / 2))
+    return (source_h, source_w), (top, left)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -12,8 +12,6 @@ import torch
 from difftrain_dist.distrib.checkpoint import LORA_FILE, deepspeed_tag, inspect_checkpoint
 from difftrain_dist.models import (
     get_adapter,
-    lora_config_dict,
-    lora_state_dict,
     save_lora_file,
     strip_adapter_name,
     training_metadata,
@@ -23,7 +21,8 @@ FORMATS = ("diffusers", "kohya")
 
 
 def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step: int) -> dict[str, str]:
-    """Training metadata (`ss_*`, `modelspec.*`) for the header of a LoRA file."""
+    """Training metadata (`ss_*`, `modelspec.*`) for the header of a LoRA file (`lora_config`:
+    the denoiser's)."""
     return training_metadata(
         arch=recipe["model"]["arch"],
         base_model=recipe["model"]["path"],
@@ -43,24 +42,28 @@ def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write:
     Only the rank with `write=True` writes the file.
     """
     module = trainee.engine.module
-    gather = contextlib.nullcontext()
-    if recipe.distributed.zero_stage == 3:
-        import deepspeed
-
-        params = [p for p in module.parameters() if p.requires_grad]
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with gather:
+    with gathered_lora(module, recipe.distributed.zero_stage):
         if not write:
             return
-        config = lora_config_dict(trainee.lora_config)
+        configs = trainee.lora_config_dicts()
         save_lora_file(
             local_dir / LORA_FILE,
-            lora_state_dict(module),
-            prefix=trainee.adapter.lora_prefix,
-            lora_config=config,
+            module.lora_state_dict(),
+            lora_configs=configs,
             fmt="diffusers",
-            metadata=lora_file_metadata(recipe.model_dump(mode="json"), config, step),
+            metadata=lora_file_metadata(recipe.model_dump(mode="json"), configs[trainee.adapter.lora_prefix], step),
         )
+
+
+def gathered_lora(module: torch.nn.Module, zero_stage: int):
+    """Context in which every rank sees the full LoRA weights of `module` (a collective under
+    ZeRO-3, where each rank holds a partition; nothing to do below stage 3)."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _consolidated_lora_weights(ckpt_dir: Path, step: int, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -105,13 +108,14 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str = "diffusers") ->
     weights = _consolidated_lora_weights(info.path, info.step, manifest["zero_stage"])
     if not weights:
         raise ValueError(f"checkpoint {ckpt_dir} holds no LoRA weights")
-    recipe, config = manifest["recipe"], manifest["lora_config"]
+    recipe, configs = manifest["recipe"], manifest["lora_configs"]
+    adapter = get_adapter(recipe["model"]["arch"])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     return save_lora_file(
         out_path,
         weights,
-        prefix=get_adapter(recipe["model"]["arch"]).lora_prefix,
-        lora_config=config,
+        lora_configs=configs,
         fmt=fmt,
-        metadata=lora_file_metadata(recipe, config, info.step),
+        kohya_prefixes=adapter.kohya_prefixes,
+        metadata=lora_file_metadata(recipe, configs[adapter.lora_prefix], info.step),
     )

@@ -32,6 +32,9 @@ from difftrain_dist.distrib.resume import ResumePlan, plan_resume, restore_rank_
 from difftrain_dist.distrib.session import WorkerSession
 from difftrain_dist.distrib.state import TrainState, capture_rng
 from difftrain_dist.models import get_adapter, inject_lora, lora_config_dict
+from difftrain_dist.models.base import TEXT_ENCODER_LORA_TARGETS
+from difftrain_dist.models.lora import LoraComponents
+from difftrain_dist.models.objectives import TimestepOptions
 
 log = logging.getLogger("difftrain_dist")
 
@@ -42,12 +45,22 @@ class Trainee:
 
     adapter: Any
     engine: Any
-    lora_config: Any
+    lora_configs: dict[str, Any]
+    """Pipeline component ("unet", "transformer", "text_encoder", …) → its peft LoraConfig."""
     device: torch.device
     noise_generator: torch.Generator
     precomputed_conditioning: bool = False
     """Use a batch's "conditioning" (precomputed from the stored captions) instead of encoding its
-    captions: only valid when the recipe's caption transforms leave captions as stored."""
+    captions: only valid when the recipe's caption transforms leave captions as stored and the
+    text encoders are frozen."""
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return len(self.lora_configs) > 1
+
+    def lora_config_dicts(self) -> dict[str, dict[str, Any]]:
+        """`lora_config_dict` of each component's config (what LoRA file headers hold)."""
+        return {name: lora_config_dict(config) for name, config in self.lora_configs.items()}
 
 
 @dataclass
@@ -71,25 +84,31 @@ def setup_trainee(recipe: Recipe, global_rank: int, *, load_universal: bool = Fa
     use_gpu = recipe.distributed.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     seed_everything(recipe.run.seed)
+    train, lora = recipe.train, recipe.lora
     adapter = get_adapter(recipe.model.arch).from_pretrained(
         recipe.model.path,
         dtype=DTYPES[recipe.model.dtype],
         device=device,
         prediction_type=recipe.model.prediction_type,
+        timesteps=TimestepOptions(train.timestep_sampling, train.logit_mean, train.logit_std, train.flow_shift),
+        load_optional=recipe.model.use_t5,
+        guidance_scale=train.guidance_scale,
     )
-    targets = recipe.lora.target_modules or list(adapter.default_lora_targets)
-    lora_config = inject_lora(
-        adapter.denoiser,
-        rank=recipe.lora.rank,
-        alpha=recipe.lora.alpha,
-        target_modules=targets,
-        dropout=recipe.lora.dropout,
-    )
-    adapter.denoiser.train()
-    engine, _, _ = build_engine(adapter.denoiser, recipe, load_universal=load_universal)
+    shape = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout}
+    targets = lora.target_modules or list(adapter.default_lora_targets)
+    lora_configs = {adapter.lora_prefix: inject_lora(adapter.denoiser, target_modules=targets, **shape)}
+    if lora.train_text_encoder:
+        text_targets = lora.text_encoder_target_modules or list(TEXT_ENCODER_LORA_TARGETS)
+        for name, encoder in adapter.text_encoders.items():
+            lora_configs[name] = inject_lora(encoder, target_modules=text_targets, **shape)
+    if train.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing(text_encoders=lora.train_text_encoder)
+    trained = LoraComponents(adapter.lora_prefix, {name: adapter.components[name] for name in lora_configs})
+    trained.train()
+    engine, _, _ = build_engine(trained, recipe, load_universal=load_universal)
     noise_generator = torch.Generator(device).manual_seed(recipe.run.seed * 1_000_003 + global_rank)
-    return Trainee(adapter, engine, lora_config, device, noise_generator,
-                   precomputed_conditioning=captions_as_stored(recipe))
+    return Trainee(adapter, engine, lora_configs, device, noise_generator,
+                   precomputed_conditioning=captions_as_stored(recipe) and not lora.train_text_encoder)
 
 
 def captions_as_stored(recipe: Recipe) -> bool:
@@ -109,8 +128,12 @@ def train_micro_batch(trainee: Trainee, batch: dict[str, Any]) -> float:
     """
     with torch.no_grad():
         latents = _latents(trainee, batch)
+    with torch.set_grad_enabled(trainee.trains_text_encoder):
         conditioning = _conditioning(trainee, batch)
-    loss = trainee.adapter.training_loss(trainee.engine, latents, conditioning, trainee.noise_generator)
+    loss = trainee.adapter.training_loss(
+        trainee.engine, latents, conditioning, trainee.noise_generator,
+        original_sizes=batch.get("original_sizes"), crops_top_left=batch.get("crops_top_left"),
+    )
     trainee.engine.backward(loss)
     trainee.engine.step()
     return float(loss.detach())
@@ -155,7 +178,7 @@ def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: f
         "recipe_hash": recipe.recipe_hash(),
         "resume_identity": recipe.resume_identity(),
         "recipe": recipe.model_dump(mode="json"),
-        "lora_config": lora_config_dict(trainee.lora_config),
+        "lora_configs": trainee.lora_config_dicts(),
         "loss": loss,
         "state": state.to_dict(),
         "rng": capture_rng(trainee.noise_generator),

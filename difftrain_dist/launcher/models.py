@@ -9,12 +9,21 @@ import typer
 
 from difftrain_dist.launcher.common import console, user_errors
 
+# The names of `difftrain_dist.models.tiny.TINY_ARCHS`, spelled out so that `--help` does not
+# import torch/diffusers (tests/test_tiny_models.py checks that the two agree).
+TINY_ARCHS: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "flux-schnell")
+
 app = typer.Typer(help="Model utilities.", no_args_is_help=True, rich_markup_mode="markdown")
 
 
 @app.command("init-tiny")
 def init_tiny(
-    arch: Annotated[str, typer.Argument(help="Architecture, e.g. sd15.")],
+    arch: Annotated[
+        str,
+        typer.Argument(
+            help=f"Architecture: one of {', '.join(TINY_ARCHS)} (flux is FLUX.1-dev, flux-schnell FLUX.1-schnell)."
+        ),
+    ],
     out: Annotated[Path, typer.Argument(help="Folder to save the diffusers pipeline into.")],
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:

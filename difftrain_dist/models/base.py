@@ -1,51 +1,91 @@
 """The per-architecture adapter interface the trainer programs against.
 
-An adapter owns the frozen parts of a diffusion pipeline (text encoders, VAE, noise scheduler)
+An adapter owns the frozen parts of a diffusion pipeline (text encoders, VAE, noise schedule)
 and exposes the denoiser (UNet or transformer) that LoRA is injected into. It is single-device
 and knows nothing of Ray or DeepSpeed: the trainer may wrap `adapter.denoiser` in an engine and
 pass that engine back to `training_loss` as the callable to run.
+
+Subclasses declare their pipeline's components (`component_loaders`), implement
+`encode_prompts` and `predict`, and pick an objective (DDPM or flow matching, objectives.py);
+loading, VAE latents, the loss and the in-memory pipeline for sampling are shared here.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from transformers import PreTrainedTokenizerBase
 
-SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+from difftrain_dist.models.objectives import (
+    SUPPORTED_PREDICTION_TYPES,
+    DDPMObjective,
+    FlowMatchingObjective,
+    TimestepOptions,
+)
+
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+"""CLIP attention projections: the text-encoder LoRA targets of diffusers' LoRA scripts."""
 
 
 class DiffusionAdapter(abc.ABC):
     """One diffusion architecture: loading, conditioning, latents and the training loss.
 
-    Subclasses set the class variables and implement `from_pretrained`, `encode_prompts` and
-    `encode_images`. The default `training_loss` is the DDPM noise-prediction loss (epsilon or
-    v-prediction); flow-matching architectures override it.
+    Subclasses set the class variables and implement `encode_prompts` and `predict`.
     """
 
     arch: ClassVar[str]
     """Registry name, e.g. "sd15"."""
     lora_prefix: ClassVar[str]
-    """Key prefix of the denoiser in diffusers LoRA files ("unet" or "transformer")."""
+    """Pipeline component name of the denoiser, the key prefix in diffusers LoRA files
+    ("unet" or "transformer")."""
     default_lora_targets: ClassVar[tuple[str, ...]]
-    """peft `target_modules` used when the recipe names none."""
+    """peft `target_modules` of the denoiser used when the recipe names none."""
+    text_encoder_names: ClassVar[tuple[str, ...]] = ()
+    """Text-encoder components that can take a LoRA (`lora.train_text_encoder`)."""
+    kohya_prefixes: ClassVar[dict[str, str]] = {}
+    """Component name → key prefix in kohya-format files; empty: no kohya format."""
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     """The diffusers pipeline class that loads this architecture and its LoRA files."""
+    component_loaders: ClassVar[dict[str, Any]]
+    """Component folder → class whose `from_pretrained` loads it (scheduler excluded)."""
+    optional_components: ClassVar[tuple[str, ...]] = ()
+    """Components a run may leave out (`load_optional=False`), e.g. SD3's T5 encoder."""
+    sample_guidance_scale: ClassVar[float] = 7.5
+    """Default guidance scale when rendering samples."""
+    vae_scale_factor: ClassVar[int] = 8
+    """Pixels per latent pixel along each side."""
 
     denoiser: torch.nn.Module
     """The UNet/transformer: LoRA goes in here and the trainer wraps it."""
-    noise_scheduler: DDPMScheduler
-    """Training noise scheduler, loaded from the model's `scheduler/` folder."""
+    vae: AutoencoderKL
     device: torch.device
     """Device of the frozen components and of the tensors `encode_*` return."""
 
+    def __init__(
+        self,
+        *,
+        path: str,
+        components: Mapping[str, Any],
+        objective: DDPMObjective | FlowMatchingObjective,
+        device: torch.device,
+    ) -> None:
+        self.path = str(path)
+        self.components = dict(components)
+        self.denoiser = self.components[self.lora_prefix]
+        self.vae = self.components["vae"]
+        self.objective = objective
+        self.device = torch.device(device)
+        self._pipeline: DiffusionPipeline | None = None
+        self.guidance_scale = 1.0
+
     @classmethod
-    @abc.abstractmethod
     def from_pretrained(
         cls,
         path: str,
@@ -53,28 +93,161 @@ class DiffusionAdapter(abc.ABC):
         dtype: torch.dtype,
         device: torch.device,
         prediction_type: str | None = None,
+        timesteps: TimestepOptions | None = None,
+        load_optional: bool = True,
+        guidance_scale: float = 1.0,
     ) -> DiffusionAdapter:
-        """Load every component from a diffusers folder or hub id (see subclasses)."""
+        """Load every component in `component_loaders`, plus the scheduler config, from `path`.
+
+        `path` is a local diffusers folder or a hub id; each component goes through its class's
+        `from_pretrained(path, subfolder=name)`. Models are moved to `device` in `dtype`, set to
+        eval mode and frozen (requires_grad False); LoRA is added later with `inject_lora`.
+        `optional_components` are skipped when `load_optional` is False or their folder is
+        missing. `prediction_type` overrides the scheduler's (DDPM architectures only);
+        `timesteps` sets timestep sampling and shift (default: uniform, the model's shift).
+        `guidance_scale` is the guidance-embedding input of guidance-distilled models
+        (FLUX.1-dev) during training; other models ignore it.
+
+        Raises ValueError naming `path` when the folder or a component is missing, for an
+        unsupported prediction_type, or a prediction_type given to a flow-matching model.
+        """
+        path = str(path)
+        required = [n for n in cls.component_loaders if n not in cls.optional_components]
+        check_model_path(path, (*required, "scheduler"))
+        device = torch.device(device)
+        timesteps = timesteps or TimestepOptions()
+        objective = cls.load_objective(path, prediction_type, timesteps)
+        components: dict[str, Any] = {}
+        for name, loader in cls.component_loaders.items():
+            if name in cls.optional_components and (not load_optional or not _has_folder(path, name)):
+                components[name] = None
+                continue
+            if isinstance(loader, type) and issubclass(loader, PreTrainedTokenizerBase):
+                components[name] = load_component(loader, path, name)
+                continue
+            components[name] = load_component(loader, path, name, dtype=dtype)
+            freeze(components[name], dtype=dtype, device=device)
+        adapter = cls(path=path, components=components, objective=objective, device=device)
+        adapter.guidance_scale = float(guidance_scale)
+        return adapter
+
+    @classmethod
+    def load_objective(
+        cls, path: str, prediction_type: str | None, timesteps: TimestepOptions
+    ) -> DDPMObjective | FlowMatchingObjective:
+        """The training objective from `path`/scheduler (DDPM unless overridden)."""
+        return DDPMObjective(load_noise_scheduler(path, prediction_type), timesteps)
+
+    @property
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The training DDPMScheduler (DDPM architectures only)."""
+        return self.objective.scheduler
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The loaded text encoders that can take a LoRA, by component name."""
+        return {n: self.components[n] for n in self.text_encoder_names if self.components.get(n) is not None}
+
+    def enable_gradient_checkpointing(self, *, text_encoders: bool = False) -> None:
+        """Recompute activations in backward: the denoiser's blocks (diffusers'
+        `enable_gradient_checkpointing`) and, when `text_encoders`, the text encoders' layers
+        (transformers' `gradient_checkpointing_enable`). Results are unchanged; memory drops."""
+        self.denoiser.enable_gradient_checkpointing()
+        if text_encoders:
+            for encoder in self.text_encoders.values():
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def pipeline(self) -> DiffusionPipeline:
+        """The diffusers pipeline over this adapter's in-memory components (LoRA included).
+
+        Built once with `pipeline_class.from_pretrained(path, **components)`, which loads only
+        what is not passed: the inference scheduler (the model's own, e.g. PNDM or
+        FlowMatchEuler). Encoding prompts and rendering samples both go through it.
+        """
+        if self._pipeline is None:
+            self._pipeline = self.pipeline_class.from_pretrained(
+                self.path, **self.components, **self.pipeline_extra_kwargs()
+            )
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    def pipeline_extra_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for building the pipeline (e.g. no safety checker)."""
+        return {}
 
     @abc.abstractmethod
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Conditioning keyword arguments for the denoiser, one row per caption."""
+        """Conditioning keyword arguments for `predict`, one row per caption (see subclasses).
+
+        Runs with autograd as the caller has it: under `torch.no_grad()` for a frozen text
+        encoder, with grad when a text-encoder LoRA is trained.
+        """
 
     @abc.abstractmethod
+    def predict(
+        self,
+        denoiser: Callable[..., Any],
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        *,
+        original_sizes: torch.Tensor | None = None,
+        crops_top_left: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's prediction, [B, C, h, w] like `noisy_latents` (see subclasses)."""
+
+    def check_captions(self, captions: list[str]) -> None:
+        """Raise ValueError unless `captions` is a non-empty list of strings."""
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError("captions: expected a non-empty list of strings")
+
+    @torch.no_grad()
     def encode_images(
         self, pixel_values: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Scaled VAE latents for a batch of images in [-1, 1]."""
+        """Scaled VAE latents of `pixel_values`: (z - shift_factor) × scaling_factor.
 
-    @abc.abstractmethod
+        Args:
+            pixel_values: [B, 3, H, W] float in [-1, 1], H and W multiples of the VAE's scale.
+            generator: when given, z is a sample of the VAE posterior drawn with it (as
+                diffusers' training scripts do); when None, the posterior mean.
+
+        Returns [B, C, H/8, W/8] float32 on `self.device` (C: 4 for SD1.5/SDXL, 16 for
+        SD3/FLUX). Raises ValueError for a wrong shape.
+        """
+        return self.latents_from_parameters(self.latent_parameters(pixel_values), generator=generator)
+
+    @torch.no_grad()
     def latent_parameters(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VAE posterior parameters of a batch of images in [-1, 1] (what precompute stores)."""
+        """The VAE posterior's parameters (mean and log-variance concatenated on channels).
 
-    @abc.abstractmethod
+        What `shards build --precompute` stores: [B, 2C, H/8, W/8] float32 on `self.device`.
+        Raises ValueError for a wrong shape.
+        """
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values: expected [B, 3, H, W], got shape {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[2] % factor or pixel_values.shape[3] % factor:
+            raise ValueError(
+                f"pixel_values: H and W must be multiples of {factor}, "
+                f"got {tuple(pixel_values.shape[2:])}"
+            )
+        pixels = pixel_values.to(device=self.device, dtype=self.vae.dtype)
+        return self.vae.encode(pixels).latent_dist.parameters.float()
+
+    @torch.no_grad()
     def latents_from_parameters(
         self, parameters: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Scaled latents from `latent_parameters` output; equals `encode_images` on the pixels."""
+        """Scaled latents from stored posterior parameters: a sample drawn with `generator`
+        (diffusers' `DiagonalGaussianDistribution.sample`), or the mean when it is None.
+        Same result as `encode_images` on the pixels the parameters came from."""
+        posterior = DiagonalGaussianDistribution(parameters.to(self.device, self.vae.dtype))
+        latents = posterior.mean if generator is None else posterior.sample(generator=generator)
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return ((latents.float() - shift) * self.vae.config.scaling_factor).float()
 
     def training_loss(
         self,
@@ -82,23 +255,27 @@ class DiffusionAdapter(abc.ABC):
         latents: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
         generator: torch.Generator,
+        *,
+        original_sizes: torch.Tensor | None = None,
+        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDPM training loss for one micro-batch.
+        """Training loss for one micro-batch.
 
         Args:
-            denoiser: `self.denoiser` or a wrapper around it (e.g. a DeepSpeed engine); it is
-                called as `denoiser(noisy_latents, timesteps, **conditioning).sample`.
+            denoiser: `self.denoiser` or a wrapper around it (e.g. a DeepSpeed engine) that
+                `predict` calls.
             latents: [B, C, h, w] scaled latents (any float dtype) on the training device.
             conditioning: output of `encode_prompts` for the same B rows.
             generator: torch.Generator on `latents.device`; noise ([B, C, h, w], N(0, 1)) and
-                timesteps ([B] int64, uniform over 0..num_train_timesteps-1) come from it only,
-                so the same generator state gives the same loss.
+                timesteps come from it only, so the same generator state gives the same loss.
+            original_sizes, crops_top_left: [B, 2] int64 (height, width) of the source image
+                and (top, left) of the crop, in px; SDXL's micro-conditioning (ignored by the
+                other architectures; None: no crop, source size = target size).
 
-        Returns a scalar float32 tensor: mean squared error, computed in float32, between the
-        prediction and the target: the noise for "epsilon", `noise_scheduler.get_velocity`
-        for "v_prediction" (Salimans & Ho 2022, as in diffusers' train_text_to_image.py).
-        Noisy latents come from `noise_scheduler.add_noise` (DDPM forward process, Ho et al. 2020)
-        and are cast to the denoiser's dtype before the call.
+        Returns a scalar float32 tensor: the mean squared error, computed in float32, between
+        the prediction and the objective's target (epsilon / v for DDPM, ε - x₀ for flow
+        matching, see objectives.py). Noisy latents and float conditioning are cast to the
+        denoiser's dtype before the call.
 
         Raises ValueError if the generator is on another device than `latents`, or if
         `latents` is not 4-D.
@@ -111,36 +288,23 @@ class DiffusionAdapter(abc.ABC):
                 "create the generator on the latents' device"
             )
         latents = latents.float()
-        batch_size = latents.shape[0]
-        noise = torch.randn(
-            latents.shape, generator=generator, device=latents.device, dtype=torch.float32
-        )
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(
-            0, num_train_timesteps, (batch_size,), generator=generator, device=latents.device
-        )
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = self._training_target(latents, noise, timesteps)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+        image_seq_len = latents.shape[-2] * latents.shape[-1] // 4
+        noised = self.objective.noise(latents, noise, generator, image_seq_len=image_seq_len)
         model_dtype = _module_dtype(self.denoiser)
         model_kwargs = {
             name: value.to(model_dtype) if value.is_floating_point() else value
             for name, value in conditioning.items()
         }
-        prediction = denoiser(noisy_latents.to(model_dtype), timesteps, **model_kwargs).sample
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-
-    def _training_target(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(
-            f"prediction_type: {prediction_type!r} is not supported; "
-            f"expected one of {SUPPORTED_PREDICTION_TYPES}"
+        prediction = self.predict(
+            denoiser,
+            noised.noisy_latents.to(model_dtype),
+            noised.timesteps,
+            model_kwargs,
+            original_sizes=original_sizes,
+            crops_top_left=crops_top_left,
         )
+        return F.mse_loss(prediction.float(), noised.target.float(), reduction="mean")
 
 
 def _module_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -199,6 +363,35 @@ def freeze(module: torch.nn.Module, *, dtype: torch.dtype, device: torch.device)
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+def _has_folder(path: str, name: str) -> bool:
+    """True when `path` is a hub id (left to from_pretrained) or a local folder with `name`/."""
+    local = Path(path).expanduser()
+    return not local.exists() or (local / name).is_dir()
+
+
+def load_flow_objective(
+    path: str, prediction_type: str | None, timesteps: TimestepOptions
+) -> FlowMatchingObjective:
+    """Flow-matching objective with the shift settings of `path`/scheduler's config
+    (a FlowMatchEulerDiscreteScheduler's: shift, use_dynamic_shifting, base/max shift).
+
+    Raises ValueError when a prediction_type is given (flow models predict velocity) or the
+    scheduler config cannot be read.
+    """
+    if prediction_type is not None:
+        raise ValueError(
+            f"prediction_type: {prediction_type!r} applies to DDPM models (sd15, sdxl); "
+            "flow-matching models always predict the velocity"
+        )
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
+    except OSError as error:
+        raise ValueError(f"model path {path!r}: cannot load scheduler/: {error}") from error
+    return FlowMatchingObjective(config, timesteps)
 
 
 def load_noise_scheduler(path: str, prediction_type: str | None) -> DDPMScheduler:

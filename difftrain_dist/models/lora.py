@@ -175,3 +175,32 @@ def lora_config_dict(config: LoraConfig) -> dict[str, Any]:
         if key in _CORE_CONFIG_KEYS or value != defaults.get(key):
             result[key] = _jsonable(value)
     return result
+
+
+class LoraComponents(torch.nn.Module):
+    """The pipeline components that carry LoRA, as one module for the training engine.
+
+    Components are registered under their pipeline names, so parameter names read
+    `unet.….lora_A.default.weight`, `text_encoder.….lora_B.default.weight`: after
+    `strip_adapter_name` these are the keys of a diffusers LoRA file. `forward` runs the
+    denoiser; text encoders are called directly (through the adapter's pipeline).
+    """
+
+    def __init__(self, denoiser_name: str, components: Mapping[str, torch.nn.Module]) -> None:
+        super().__init__()
+        if denoiser_name not in components:
+            raise ValueError(f"components: no denoiser {denoiser_name!r} among {sorted(components)}")
+        self.denoiser_name = denoiser_name
+        for name, module in components.items():
+            self.add_module(name, module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.denoiser_name)(*args, **kwargs)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every component's `lora_state_dict`, keys prefixed with the component name."""
+        return {
+            f"{name}.{key}": value
+            for name, module in self.named_children()
+            for key, value in lora_state_dict(module).items()
+        }

@@ -21,9 +21,6 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
 FORMATS = ("diffusers", "kohya")
-# Pipeline prefix → kohya key prefix (kohya sd-scripts networks/lora.py; diffusers'
-# convert_state_dict_to_kohya maps the same three).
-_KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 # arch → (ss_base_model_version as kohya writes it, modelspec architecture id from kohya's
 # library/sai_model_spec.py).
 _ARCH_METADATA = {
@@ -39,62 +36,87 @@ def save_lora_file(
     path: Path,
     state_dict: Mapping[str, torch.Tensor],
     *,
-    prefix: str,
-    lora_config: Mapping[str, Any],
+    lora_configs: Mapping[str, Mapping[str, Any]],
     fmt: str = "diffusers",
+    kohya_prefixes: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a LoRA safetensors file atomically (temporary file, then os.replace).
 
     Args:
         path: destination `.safetensors` file; its folder is created if missing.
-        state_dict: peft keys without prefix or adapter name (`...to_q.lora_A.weight`
-            [r, in], `...to_q.lora_B.weight` [out, r]); written in their own dtype.
-        prefix: pipeline component the keys belong to ("unet", "transformer").
-        lora_config: `lora_config_dict(config)`; needs at least "r" and "lora_alpha".
-        fmt: "diffusers" — keys `f"{prefix}.{key}"`, header `lora_adapter_metadata` holding
-            `{f"{prefix}.{field}": value}` as JSON (indent 2, sorted keys), the packing of
-            diffusers' `LoraBaseMixin._save_lora_weights`/`write_lora_layers`, so that
-            `pipeline.load_lora_weights(path)` rebuilds the LoraConfig, alpha included.
-            "kohya" — keys `lora_unet_<path_with_underscores>.lora_down.weight` (= lora_A),
-            `.lora_up.weight` (= lora_B), `.alpha` (float32 scalar = lora_alpha), from
-            diffusers' `convert_state_dict_to_kohya` with its alpha (which it sets to the rank)
-            replaced by lora_alpha; `ss_network_dim`/`ss_network_alpha` are added if missing.
+        state_dict: peft keys under their pipeline component, without adapter name
+            (`unet.…to_q.lora_A.weight` [r, in], `text_encoder.…q_proj.lora_B.weight` [out, r]);
+            written in their own dtype.
+        lora_configs: component ("unet", "transformer", "text_encoder", …) →
+            `lora_config_dict(config)`, one per component present in `state_dict`; each
+            needs at least "r" and "lora_alpha".
+        fmt: "diffusers" — keys as given, header `lora_adapter_metadata` holding
+            `{f"{component}.{field}": value}` as JSON (indent 2, sorted keys), the packing of
+            diffusers' `LoraBaseMixin._save_lora_weights`, so that
+            `pipeline.load_lora_weights(path)` rebuilds each LoraConfig, alpha included.
+            "kohya" — keys `<kohya prefix>_<path_with_underscores>.lora_down.weight`
+            (= lora_A), `.lora_up.weight` (= lora_B), `.alpha` (float32 scalar = lora_alpha),
+            from diffusers' `convert_state_dict_to_kohya` with its alpha (which it sets to the
+            rank) replaced by lora_alpha; `ss_network_dim`/`ss_network_alpha` are added if
+            missing.
+        kohya_prefixes: component → kohya key prefix ("unet" → "lora_unet", "text_encoder" →
+            "lora_te" for SD1.x or "lora_te1" for SDXL; the adapter's `kohya_prefixes`).
+            Required for "kohya".
         metadata: extra string header entries (`ss_*`, `modelspec.*`, see training_metadata).
 
-    Returns `path`. Raises ValueError for an unknown `fmt`, an empty state dict, keys that
-    still carry a prefix or adapter name, a non-string metadata value, a reserved metadata key
-    ("format", "lora_adapter_metadata"), or a config the kohya format cannot express.
+    Returns `path`. Raises ValueError for an unknown `fmt`, an empty state dict, keys without
+    a component in `lora_configs` or still carrying an adapter name, a non-string metadata
+    value, a reserved metadata key ("format", "lora_adapter_metadata"), or a file the kohya
+    layout cannot express (a component without kohya prefix, rank/alpha patterns, DoRA).
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt: unknown LoRA file format {fmt!r}; known: {list(FORMATS)}")
-    _check_state_dict(state_dict, prefix)
+    _check_state_dict(state_dict, lora_configs)
     header = _check_metadata(metadata)
-    for key in ("r", "lora_alpha"):
-        if key not in lora_config:
-            raise ValueError(f"lora_config: missing {key!r}")
+    for component, config in lora_configs.items():
+        for key in ("r", "lora_alpha"):
+            if key not in config:
+                raise ValueError(f"lora_configs[{component!r}]: missing {key!r}")
+    first = next(iter(lora_configs.values()))
     if fmt == "diffusers":
-        tensors = {f"{prefix}.{key}": value for key, value in state_dict.items()}
-        packed = {f"{prefix}.{key}": value for key, value in lora_config.items()}
+        tensors = dict(state_dict)
+        packed = {
+            f"{component}.{key}": value
+            for component, config in lora_configs.items()
+            for key, value in config.items()
+        }
         header[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
     else:
-        tensors = _to_kohya(state_dict, prefix=prefix, lora_config=lora_config)
-        header.setdefault("ss_network_dim", str(lora_config["r"]))
-        header.setdefault("ss_network_alpha", str(float(lora_config["lora_alpha"])))
+        tensors = _to_kohya(state_dict, lora_configs=lora_configs, kohya_prefixes=kohya_prefixes or {})
+        header.setdefault("ss_network_dim", str(first["r"]))
+        header.setdefault("ss_network_alpha", str(float(first["lora_alpha"])))
         header.setdefault("ss_network_module", "networks.lora")
     header["format"] = "pt"
     tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
     return _atomic_save(Path(path), tensors, header)
 
 
-def _check_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
+def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`{"unet.x.lora_A.weight": t}` → `{"unet": {"x.lora_A.weight": t}}` (values not copied)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        component, _, rest = key.partition(".")
+        parts.setdefault(component, {})[rest] = value
+    return parts
+
+
+def _check_state_dict(state_dict: Mapping[str, torch.Tensor], lora_configs: Mapping[str, Any]) -> None:
     if not state_dict:
         raise ValueError("state_dict: no LoRA tensors to write")
     for key in state_dict:
         if ".lora_A." not in key and ".lora_B." not in key:
             raise ValueError(f"state_dict: {key!r} is not a LoRA key (expected .lora_A./.lora_B.)")
-        if key.startswith(prefix + "."):
-            raise ValueError(f"state_dict: {key!r} already carries the prefix {prefix!r}")
+        if key.partition(".")[0] not in lora_configs:
+            raise ValueError(
+                f"state_dict: {key!r} does not start with a component of lora_configs "
+                f"({sorted(lora_configs)})"
+            )
         if not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(
                 f"state_dict: {key!r} carries an adapter name; use strip_adapter_name first"
@@ -112,28 +134,36 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _to_kohya(
-    state_dict: Mapping[str, torch.Tensor], *, prefix: str, lora_config: Mapping[str, Any]
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    lora_configs: Mapping[str, Mapping[str, Any]],
+    kohya_prefixes: Mapping[str, str],
 ) -> dict[str, torch.Tensor]:
-    if prefix not in _KOHYA_PREFIXES:
-        raise ValueError(f"prefix: kohya format supports {sorted(_KOHYA_PREFIXES)}, got {prefix!r}")
-    if lora_config.get("rank_pattern") or lora_config.get("alpha_pattern"):
-        raise ValueError("lora_config: kohya format has one rank/alpha; rank_pattern unsupported")
-    if lora_config.get("use_dora"):
-        raise ValueError("lora_config: use_dora is not supported by the kohya writer")
-    rank = int(lora_config["r"])
-    alpha = float(lora_config["lora_alpha"])
-    if lora_config.get("use_rslora"):
-        alpha = alpha * math.sqrt(rank)  # kohya scales by alpha / r; rsLoRA by alpha / sqrt(r)
-    prefixed = {f"{prefix}.{key}": value for key, value in state_dict.items()}
-    converted = convert_state_dict_to_kohya(prefixed)
-    kohya_prefix = _KOHYA_PREFIXES[prefix] + "_"
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in converted.items():
-        if not key.startswith(kohya_prefix):
-            raise ValueError(f"state_dict: converted key {key!r} lacks {kohya_prefix!r}")
-        if key.endswith(".alpha"):
-            value = torch.tensor(alpha, dtype=torch.float32)
-        tensors[key] = value
+    for component, weights in split_components(state_dict).items():
+        if component not in kohya_prefixes:
+            known = sorted(kohya_prefixes) or "none for this architecture"
+            raise ValueError(
+                f"kohya format: no kohya key layout for component {component!r} (has: {known}); "
+                "use the diffusers format"
+            )
+        config = lora_configs[component]
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError("lora_config: kohya format has one rank/alpha; rank_pattern unsupported")
+        if config.get("use_dora"):
+            raise ValueError("lora_config: use_dora is not supported by the kohya writer")
+        rank = int(config["r"])
+        alpha = float(config["lora_alpha"])
+        if config.get("use_rslora"):
+            alpha = alpha * math.sqrt(rank)  # kohya scales by alpha / r; rsLoRA by alpha / sqrt(r)
+        # convert_state_dict_to_kohya knows the "unet." prefix: convert under it, then rename.
+        converted = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in weights.items()})
+        for key, value in converted.items():
+            if not key.startswith("lora_unet_"):
+                raise ValueError(f"state_dict: converted key {key!r} lacks 'lora_unet_'")
+            if key.endswith(".alpha"):
+                value = torch.tensor(alpha, dtype=torch.float32)
+            tensors[kohya_prefixes[component] + key.removeprefix("lora_unet")] = value
     return tensors
 
 

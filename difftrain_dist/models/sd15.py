@@ -2,94 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from difftrain_dist.models.base import (
-    DiffusionAdapter,
-    check_model_path,
-    freeze,
-    load_component,
-    load_noise_scheduler,
-)
+from difftrain_dist.models.base import DiffusionAdapter
 
-_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+"""Attention projections of diffusers' UNet2DConditionModel (self- and cross-attention)."""
 
 
 class SD15Adapter(DiffusionAdapter):
-    """Stable Diffusion 1.x (and tiny models of the same layout from `init_tiny("sd15")`)."""
+    """Stable Diffusion 1.x (and tiny models of the same layout from `init_tiny("sd15")`).
+
+    Epsilon or v-prediction (the scheduler's, or the recipe's `model.prediction_type`).
+    """
 
     arch = "sd15"
     lora_prefix = "unet"
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    default_lora_targets = UNET_ATTENTION_TARGETS
+    text_encoder_names = ("text_encoder",)
+    # kohya sd-scripts networks/lora.py: SD1.x text encoder keys are "lora_te_…".
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
     pipeline_class = StableDiffusionPipeline
+    component_loaders = {
+        "tokenizer": CLIPTokenizer,
+        "text_encoder": CLIPTextModel,
+        "vae": AutoencoderKL,
+        "unet": UNet2DConditionModel,
+    }
+    sample_guidance_scale = 7.5
 
-    def __init__(
-        self,
-        *,
-        unet: UNet2DConditionModel,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        noise_scheduler: DDPMScheduler,
-        device: torch.device,
-    ) -> None:
-        self.denoiser = unet
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.noise_scheduler = noise_scheduler
-        self.device = torch.device(device)
+    def pipeline_extra_kwargs(self) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-        prediction_type: str | None = None,
-    ) -> SD15Adapter:
-        """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ from `path`.
-
-        `path` is a local diffusers folder or a hub id. UNet, VAE and text encoder are moved to
-        `device` in `dtype`, set to eval mode and frozen (requires_grad False); LoRA is added
-        later with `inject_lora(adapter.denoiser, ...)`. The noise scheduler is a
-        DDPMScheduler built from scheduler/ (SD1.5 ships a PNDM config; the beta schedule is
-        shared), with `prediction_type` overriding the file's when given.
-
-        Raises ValueError naming `path` when the folder or a component is missing, and for an
-        unsupported prediction_type.
-        """
-        path = str(path)
-        check_model_path(path, _SUBFOLDERS)
-        device = torch.device(device)
-        noise_scheduler = load_noise_scheduler(path, prediction_type)
-        tokenizer = load_component(CLIPTokenizer, path, "tokenizer")
-        text_encoder = load_component(CLIPTextModel, path, "text_encoder")
-        vae = load_component(AutoencoderKL, path, "vae", dtype=dtype)
-        unet = load_component(UNet2DConditionModel, path, "unet", dtype=dtype)
-        for module in (text_encoder, vae, unet):
-            freeze(module, dtype=dtype, device=device)
-        return cls(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            noise_scheduler=noise_scheduler,
-            device=device,
-        )
-
-    @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """CLIP last hidden states for `captions`, as the UNet's cross-attention input.
+        """CLIP last hidden states for `captions`, the UNet's cross-attention input.
 
         Captions are padded/truncated to `tokenizer.model_max_length` (77 for SD1.5) as in
         `StableDiffusionPipeline.encode_prompt` (no clip-skip). Returns
@@ -97,61 +48,27 @@ class SD15Adapter(DiffusionAdapter):
         D = text_encoder.config.hidden_size (768 for SD1.5). Raises ValueError for an empty
         list or a non-string caption.
         """
-        if not captions or not all(isinstance(c, str) for c in captions):
-            raise ValueError("captions: expected a non-empty list of strings")
-        input_ids = self.tokenizer(
+        self.check_captions(captions)
+        tokenizer = self.components["tokenizer"]
+        input_ids = tokenizer(
             captions,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        hidden_states = self.text_encoder(input_ids)[0]
+        hidden_states = self.components["text_encoder"](input_ids)[0]
         return {"encoder_hidden_states": hidden_states}
 
-    @torch.no_grad()
-    def encode_images(
-        self, pixel_values: torch.Tensor, *, generator: torch.Generator | None = None
+    def predict(
+        self,
+        denoiser: Callable[..., Any],
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        *,
+        original_sizes: torch.Tensor | None = None,
+        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """VAE latents of `pixel_values` times `vae.config.scaling_factor` (0.18215 for SD1.5).
-
-        Args:
-            pixel_values: [B, 3, H, W] float in [-1, 1], H and W multiples of 8.
-            generator: when given, latents are a sample of the VAE posterior drawn with it
-                (as diffusers' train_text_to_image.py does); when None, the posterior mean.
-
-        Returns [B, 4, H/8, W/8] float32 on `self.device`.
-        Raises ValueError for a wrong shape.
-        """
-        return self.latents_from_parameters(self.latent_parameters(pixel_values), generator=generator)
-
-    @torch.no_grad()
-    def latent_parameters(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The VAE posterior's parameters (mean and log-variance concatenated on channels).
-
-        What `shards build --precompute` stores: [B, 8, H/8, W/8] float32 on `self.device`.
-        Raises ValueError for a wrong shape.
-        """
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"pixel_values: expected [B, 3, H, W], got shape {tuple(pixel_values.shape)}"
-            )
-        if pixel_values.shape[2] % factor or pixel_values.shape[3] % factor:
-            raise ValueError(
-                f"pixel_values: H and W must be multiples of {factor}, "
-                f"got {tuple(pixel_values.shape[2:])}"
-            )
-        pixels = pixel_values.to(device=self.device, dtype=self.vae.dtype)
-        return self.vae.encode(pixels).latent_dist.parameters.float()
-
-    @torch.no_grad()
-    def latents_from_parameters(
-        self, parameters: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Scaled latents from stored posterior parameters: a sample drawn with `generator`
-        (diffusers' `DiagonalGaussianDistribution.sample`), or the mean when it is None.
-        Same result as `encode_images` on the pixels the parameters came from."""
-        posterior = DiagonalGaussianDistribution(parameters.to(self.device, self.vae.dtype))
-        latents = posterior.mean if generator is None else posterior.sample(generator=generator)
-        return (latents * self.vae.config.scaling_factor).float()
+        """`denoiser(noisy_latents, timesteps, encoder_hidden_states=…).sample`: [B, 4, h, w]."""
+        return denoiser(noisy_latents, timesteps, **conditioning).sample
