@@ -1,4 +1,4 @@
-"""Session-wide fixtures: the tiny SD1.5 model and shards of the scikit-image photographs."""
+"""Session-wide fixtures: tiny models of every architecture and shards of the scikit-image photographs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,20 @@ from difftrain_dist.models import init_tiny
 def tiny_sd15_model(tmp_path_factory) -> Path:
     """A tiny random SD1.5-architecture pipeline in diffusers format."""
     return init_tiny("sd15", tmp_path_factory.mktemp("tiny-sd15"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """`tiny_model(arch)`: a tiny random pipeline of `arch` ("sd15", "sdxl", "sd3", "flux",
+    "flux-schnell") in diffusers format, built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = init_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0)
+        return built[arch]
+
+    return get
 
 
 @pytest.fixture(scope="session")

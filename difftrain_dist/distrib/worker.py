@@ -192,6 +192,41 @@ def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: f
         apply_retention(recipe.run_dir, recipe.checkpoint.keep_last, recipe.recipe_hash())
 
 
+def render_training_samples(trainee: Trainee, recipe: Recipe, step: int) -> Path | None:
+    """Render `sample.prompts` with the in-memory LoRA into `run_dir/samples/step_<step>.png`.
+
+    Rank 0 renders and writes; under ZeRO-3, where every rank holds a slice of the weights,
+    all ranks run the pipeline together (the forward passes gather the slices) and rank 0
+    writes. Noise comes from `sample.seed`, so grids compare across steps; the training RNG
+    streams are untouched. Returns the PNG path on rank 0, else None.
+    """
+    from difftrain_dist.models.sampling import image_grid, render
+
+    rank = dist.get_rank()
+    if rank != 0 and recipe.distributed.zero_stage != 3:
+        return None
+    sample, adapter = recipe.sample, trainee.adapter
+    module = trainee.engine.module
+    module.eval()
+    try:
+        images = render(
+            adapter.pipeline(),
+            list(sample.prompts),
+            seed=sample.seed,
+            steps=sample.num_inference_steps,
+            resolution=sample.resolution or recipe.data.resolution,
+            guidance_scale=adapter.sample_guidance_scale if sample.guidance_scale is None else sample.guidance_scale,
+        )
+    finally:
+        module.train()
+    if rank != 0:
+        return None
+    path = recipe.run_dir / "samples" / f"step_{step:09d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(path)
+    return path
+
+
 class Throughput:
     """Samples/s and ETA over the steps since the last report."""
 
@@ -291,6 +326,10 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
                          "samples_per_s": rate, "eta_s": eta, "lr": trainee.engine.get_lr()[0]})
         if stop or state.step % ckpt.every_n_steps == 0 or state.step == train.max_steps:
             save_checkpoint(trainee, recipe, state, loss, session)
+        if not stop and recipe.sample.every_n_steps and state.step % recipe.sample.every_n_steps == 0:
+            written = render_training_samples(trainee, recipe, state.step)
+            if written is not None:
+                log.warning("samples at step %d: %s", state.step, written)
         if stop:
             break
     return WorkerResult(state, stopped_early=stop and state.step < train.max_steps)

@@ -17,13 +17,15 @@ def sample(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts (one image each, in a grid).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
     lora: Annotated[Path | None, typer.Option(help="LoRA .safetensors file to load.")] = None,
-    arch: Annotated[str, typer.Option(help="Model architecture.")] = "sd15",
+    arch: Annotated[str, typer.Option(help="Model architecture: sd15, sdxl, sd3 or flux.")] = "sd15",
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
     resolution: Annotated[
         int | None, typer.Option(help="Image side in pixels (default: the model's native size).")
     ] = None,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Guidance scale (default: the architecture's usual one).")
+    ] = None,
 ) -> None:
     """Render one image per PROMPT with the model's pipeline (and LoRA) into a PNG grid."""
     from difftrain_dist.models import get_adapter
@@ -34,9 +36,11 @@ def sample(
             raise ValueError(f"--lora: no such file {lora}")
         if out.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"--out: {out} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+        adapter = get_adapter(arch)
+        guidance = adapter.sample_guidance_scale if guidance_scale is None else guidance_scale
         try:
-            images = render_samples(model, prompt, pipeline_class=get_adapter(arch).pipeline_class, lora=lora,
-                                    seed=seed, steps=steps, resolution=resolution, guidance_scale=guidance_scale)
+            images = render_samples(model, prompt, pipeline_class=adapter.pipeline_class, lora=lora,
+                                    seed=seed, steps=steps, resolution=resolution, guidance_scale=guidance)
         except OSError as err:
             raise ValueError(f"cannot load {lora or model}: {err}") from None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from diffusers import ModelMixin
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
@@ -56,7 +57,8 @@ def inject_lora(
     peft `LoraLayer`), with A ~ N(0, 1/rank) and B = 0 (peft `init_lora_weights="gaussian"`),
     so the adapted model starts equal to the base model. Diffusers models go through
     `module.add_adapter` (so `peft_config` is recorded as diffusers expects), other modules
-    through `peft.inject_adapter_in_model`. Afterwards only LoRA parameters require grad.
+    (text encoders) through `peft.inject_adapter_in_model`, with `peft_config` set the same
+    way. Afterwards only LoRA parameters require grad.
     LoRA weights are float32 whatever the base dtype (diffusers' `cast_training_params`, as
     its LoRA training scripts do); peft casts activations to them in the forward pass.
 
@@ -92,10 +94,13 @@ def inject_lora(
         init_lora_weights="gaussian",
     )
     module.requires_grad_(False)
-    if hasattr(module, "add_adapter"):
+    if isinstance(module, ModelMixin):
         module.add_adapter(config, adapter_name=ADAPTER_NAME)
     else:
+        # transformers' own add_adapter wants a newer peft than diffusers does; peft's injection
+        # is what diffusers' load_lora_weights uses for text encoders too.
         inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+        module.peft_config = {ADAPTER_NAME: config}
     for name, param in module.named_parameters():
         param.requires_grad_(_is_lora_param(name))
     cast_training_params(module, dtype=torch.float32)

@@ -1,18 +1,48 @@
-"""Render sample images with a diffusers pipeline, optionally with a LoRA file loaded."""
+"""Render sample images with a diffusers pipeline: from a model folder (plus a LoRA file), or
+from a training adapter's in-memory pipeline (LoRA as currently trained)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
+
+
+@torch.no_grad()
+def render(
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    steps: int = 20,
+    resolution: int | None = None,
+    guidance_scale: float = 7.5,
+) -> list[Image.Image]:
+    """One image per prompt from `pipe`, each prompt's initial noise drawn from its own CPU
+    generator seeded `seed + i`, so a grid is the same on any device and at any step.
+
+    `resolution`: image side in px (a multiple of 16 suits every architecture); None uses the
+    pipeline's default size. Leaves the global RNG state untouched. Returns PIL RGB images.
+    """
+    with torch.random.fork_rng(devices=[]):
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        return pipe(
+            prompts,
+            num_inference_steps=steps,
+            height=resolution,
+            width=resolution,
+            guidance_scale=guidance_scale,
+            generator=generators,
+        ).images
 
 
 def render_samples(
     model_path: str,
     prompts: list[str],
     *,
-    pipeline_class,
+    pipeline_class: type[DiffusionPipeline],
     lora: Path | None = None,
     seed: int = 0,
     steps: int = 20,
@@ -20,31 +50,13 @@ def render_samples(
     guidance_scale: float = 7.5,
     device: str = "cpu",
 ) -> list[Image.Image]:
-    """One image per prompt from `pipeline_class.from_pretrained(model_path)`.
-
-    Args:
-        lora: a LoRA `.safetensors` file, loaded with the pipeline's `load_lora_weights`.
-        seed: seeds the initial latents (same seed, same noise with and without the LoRA).
-        steps: denoising steps of the pipeline's scheduler.
-        resolution: image side in pixels (multiple of the VAE scale factor); None uses the
-            model's native size (UNet sample size × VAE scale factor).
-
-    Returns:
-        PIL RGB images, square.
-    """
+    """`render` with `pipeline_class.from_pretrained(model_path)` (fp32 on `device`), after
+    `load_lora_weights(lora)` when a LoRA `.safetensors` file is given."""
     pipe = pipeline_class.from_pretrained(model_path, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
-    generator = torch.Generator(device).manual_seed(seed)
-    return pipe(
-        prompts,
-        num_inference_steps=steps,
-        height=resolution,
-        width=resolution,
-        guidance_scale=guidance_scale,
-        generator=generator,
-    ).images
+    return render(pipe, prompts, seed=seed, steps=steps, resolution=resolution, guidance_scale=guidance_scale)
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
