@@ -38,14 +38,18 @@ def tiny_assets(root: Path, resolution: int = 64) -> tuple[Path, Path]:
 
 
 @contextmanager
-def single_rank_group():
-    """A world-size-1 gloo process group in this process (what torchrun would set up)."""
+def single_rank_group(backend: str = "gloo"):
+    """A world-size-1 process group in this process (what torchrun would set up): gloo on CPU,
+    or "nccl" on GPU 0."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(0)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group(backend, rank=0, world_size=1)
     try:
         yield
     finally:

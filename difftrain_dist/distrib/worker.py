@@ -32,7 +32,7 @@ from difftrain_dist.distrib.resume import ResumePlan, plan_resume, restore_rank_
 from difftrain_dist.distrib.session import WorkerSession
 from difftrain_dist.distrib.state import TrainState, capture_rng
 from difftrain_dist.models import get_adapter, inject_lora, lora_config_dict
-from difftrain_dist.models.base import TEXT_ENCODER_LORA_TARGETS
+from difftrain_dist.models.base import TEXT_ENCODER_LORA_TARGETS, DiffusionAdapter
 from difftrain_dist.models.lora import LoraComponents
 from difftrain_dist.models.objectives import TimestepOptions
 
@@ -79,21 +79,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_trainee(recipe: Recipe, global_rank: int, *, load_universal: bool = False) -> Trainee:
-    """Load the model through its adapter, inject LoRA and wrap the denoiser in DeepSpeed."""
+def setup_trainee(
+    recipe: Recipe, global_rank: int, *, load_universal: bool = False, adapter: DiffusionAdapter | None = None
+) -> Trainee:
+    """Load the model through its adapter, inject LoRA and wrap the trained components in DeepSpeed.
+
+    `adapter`: an adapter already built in memory (the GPU benchmark's full-size random models);
+    None loads `recipe.model.path` with `from_pretrained`.
+    """
     use_gpu = recipe.distributed.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        # FLUX's transformer backward hit illegal memory accesses in cuDNN's SDPA kernel at 1024 px
+        # (see DESIGN.md); the flash and memory-efficient kernels are used instead.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     seed_everything(recipe.run.seed)
     train, lora = recipe.train, recipe.lora
-    adapter = get_adapter(recipe.model.arch).from_pretrained(
-        recipe.model.path,
-        dtype=DTYPES[recipe.model.dtype],
-        device=device,
-        prediction_type=recipe.model.prediction_type,
-        timesteps=TimestepOptions(train.timestep_sampling, train.logit_mean, train.logit_std, train.flow_shift),
-        load_optional=recipe.model.use_t5,
-        guidance_scale=train.guidance_scale,
-    )
+    if adapter is None:
+        adapter = get_adapter(recipe.model.arch).from_pretrained(
+            recipe.model.path,
+            dtype=DTYPES[recipe.model.dtype],
+            device=device,
+            prediction_type=recipe.model.prediction_type,
+            timesteps=TimestepOptions(train.timestep_sampling, train.logit_mean, train.logit_std, train.flow_shift),
+            load_optional=recipe.model.use_t5,
+            guidance_scale=train.guidance_scale,
+        )
     shape = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout}
     targets = lora.target_modules or list(adapter.default_lora_targets)
     lora_configs = {adapter.lora_prefix: inject_lora(adapter.denoiser, target_modules=targets, **shape)}
@@ -153,9 +164,13 @@ def _conditioning(trainee: Trainee, batch: dict[str, Any]) -> dict[str, torch.Te
     return trainee.adapter.encode_prompts(batch["captions"])
 
 
-def reduce_step_stats(loss: float, stop: bool) -> tuple[float, bool]:
-    """One all-reduce per step: the mean loss over ranks, and whether any rank asked to stop."""
-    stats = torch.tensor([loss, float(stop)], dtype=torch.float64)
+def reduce_step_stats(loss: float, stop: bool, device: torch.device | None = None) -> tuple[float, bool]:
+    """One all-reduce per step: the mean loss over ranks, and whether any rank asked to stop.
+
+    `device`: where the reduced tensor lives; NCCL process groups reduce CUDA tensors only, so
+    GPU runs pass the training device (None: CPU, for gloo).
+    """
+    stats = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
     dist.all_reduce(stats)
     return float(stats[0]) / dist.get_world_size(), bool(stats[1] > 0)
 
@@ -318,7 +333,7 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
         if len(losses) < gas:
             continue
         state.step += 1
-        loss, stop = reduce_step_stats(sum(losses) / len(losses), session.stop_requested())
+        loss, stop = reduce_step_stats(sum(losses) / len(losses), session.stop_requested(), trainee.device)
         losses.clear()
         if dist.get_rank() == 0 and (state.step % train.log_every_n_steps == 0 or state.step == train.max_steps):
             rate, eta = meter.measure(state.step, train.max_steps)
