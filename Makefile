@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+bench-gpu: install  # one CUDA GPU: SDXL and FLUX layouts at 1024 px, ours vs a plain eager loop
+	$(BIN)/python -m benchmarks.gpu_check
 
 lint: install
 	$(BIN)/ruff check difftrain_dist tests benchmarks
