@@ -12,6 +12,15 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from difftrain_dist.models import read_lora_file
 
 
+def randomize_lora(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
+    """Give every lora_A/lora_B weight of `module` values N(0, scale²) (B starts at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def fixed_unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latents [2, 4, 8, 8], timesteps [2], encoder_hidden_states [2, 77, 32] from a fixed seed."""
     generator = torch.Generator().manual_seed(123)

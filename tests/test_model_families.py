@@ -28,6 +28,8 @@ from difftrain_dist.models.base import TEXT_ENCODER_LORA_TARGETS
 from difftrain_dist.models.lora import LoraComponents
 from difftrain_dist.models.objectives import FlowMatchingObjective, TimestepOptions, sample_unit_times
 
+from .lora_checks import randomize_lora
+
 RANK, ALPHA = 4, 8.0
 CPU = torch.device("cpu")
 TINY = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flux-schnell": "flux"}
@@ -47,14 +49,6 @@ def _with_lora(adapter, *, text_encoders: bool) -> LoraComponents:
     module = LoraComponents(adapter.lora_prefix, {name: adapter.components[name] for name in configs})
     module.lora_configs = {name: lora_config_dict(config) for name, config in configs.items()}
     return module
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
 def _render(pipe, arch: str) -> torch.Tensor:
@@ -80,7 +74,7 @@ def test_lora_file_loads_into_diffusers_as_hand_merged(tiny_model, tmp_path: Pat
     arch = TINY[name]
     adapter = _adapter(tiny_model, name)
     module = _with_lora(adapter, text_encoders=bool(adapter.text_encoder_names))
-    _randomize(module, seed=3)
+    randomize_lora(module, seed=3, scale=0.3)
     state = module.lora_state_dict()
     metadata = training_metadata(arch=arch, base_model="tiny", rank=RANK, alpha=ALPHA, steps=1, resolution=64, seed=0)
     path = tmp_path / f"{name}-{fmt}.safetensors"

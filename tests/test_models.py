@@ -29,7 +29,7 @@ from difftrain_dist.models import (
 )
 from difftrain_dist.models.tiny import tiny_clip_vocab
 
-from .lora_checks import hand_merged_unet, lora_scale, outputs_without_and_with_lora, unet_output
+from .lora_checks import hand_merged_unet, lora_scale, outputs_without_and_with_lora, randomize_lora, unet_output
 
 RANK, ALPHA = 4, 8.0  # alpha != rank so the alpha / rank scaling is exercised
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -48,15 +48,6 @@ def _load_adapter(path: Path, **kwargs) -> DiffusionAdapter:
     return get_adapter("sd15").from_pretrained(
         str(path), dtype=torch.float32, device=torch.device("cpu"), **kwargs
     )
-
-
-def _randomize_lora(module: torch.nn.Module, seed: int) -> None:
-    """Give every lora_A/lora_B weight non-zero random values (B starts at zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
 # ---------------------------------------------------------------- tiny model
@@ -155,7 +146,7 @@ def test_training_loss_grads_only_on_lora(tiny_sd15: Path) -> None:
     lora_names = {name for name in named if ".lora_" in name}
     assert lora_names and {n for n, p in named.items() if p.requires_grad} == lora_names
 
-    _randomize_lora(adapter.denoiser, seed=3)
+    randomize_lora(adapter.denoiser, seed=3)
     loss = adapter.training_loss(
         adapter.denoiser, latents, conditioning, torch.Generator().manual_seed(0)
     )
@@ -262,7 +253,7 @@ def test_strip_adapter_name_matches_peft_state_dict(tiny_sd15: Path) -> None:
 def lora_files(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
     config = inject_lora(unet, rank=RANK, alpha=ALPHA, target_modules=TARGETS)
-    _randomize_lora(unet, seed=11)
+    randomize_lora(unet, seed=11)
     state = {f"unet.{key}": value for key, value in lora_state_dict(unet).items()}
     out = tmp_path_factory.mktemp("lora")
     metadata = training_metadata(

@@ -42,17 +42,10 @@ T5_SUBFOLDER = {"sd3": "tokenizer_3", "flux": "tokenizer_2", "flux-schnell": "to
 GUIDANCE = {"sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "flux-schnell": 0.0}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """`tiny(arch)`: the module's tiny pipeline of `arch` with seed 0 (built on first use)."""
-    built: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in built:
-            built[arch] = init_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0)
-        return built[arch]
-
-    return get
+@pytest.fixture
+def tiny(tiny_model) -> Callable[[str], Path]:
+    """`tiny(arch)`: the session's tiny pipeline of `arch` with seed 0 (conftest.py)."""
+    return tiny_model
 
 
 def _load(arch: str, path: Path, **kwargs) -> DiffusionPipeline:

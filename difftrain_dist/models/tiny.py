@@ -444,33 +444,29 @@ def _build_flux(
     )
 
 
-def _build_flux_dev(seed: int, work_dir: Path) -> DiffusionPipeline:
-    """Tiny FLUX.1-dev: guidance-distilled (`guidance_embeds=True`), resolution-dependent shift."""
-    # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json
-    scheduler = FlowMatchEulerDiscreteScheduler(
+def _flux_scheduler(*, shift: float, use_dynamic_shifting: bool) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's FlowMatchEulerDiscreteScheduler config (black-forest-labs/FLUX.1-dev and -schnell
+    scheduler/scheduler_config.json differ only in shift and use_dynamic_shifting)."""
+    return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
+        shift=shift,
+        use_dynamic_shifting=use_dynamic_shifting,
         base_shift=0.5,
         max_shift=1.15,
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
+
+
+def _build_flux_dev(seed: int, work_dir: Path) -> DiffusionPipeline:
+    """Tiny FLUX.1-dev: guidance-distilled (`guidance_embeds=True`), resolution-dependent shift."""
+    scheduler = _flux_scheduler(shift=3.0, use_dynamic_shifting=True)
     return _build_flux(seed, work_dir, guidance_embeds=True, scheduler=scheduler)
 
 
 def _build_flux_schnell(seed: int, work_dir: Path) -> DiffusionPipeline:
     """Tiny FLUX.1-schnell: no guidance embedding, fixed shift 1.0 (no dynamic shifting)."""
-    # black-forest-labs/FLUX.1-schnell scheduler/scheduler_config.json
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=False,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _flux_scheduler(shift=1.0, use_dynamic_shifting=False)
     return _build_flux(seed, work_dir, guidance_embeds=False, scheduler=scheduler)
 
 
