@@ -13,13 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names every offending field."""
+
+
+def _checks_paths(info: ValidationInfo) -> bool:
+    """False when validating with context {"check_paths": False}: paths that live on a cluster
+    (`cluster k8s`, `submit --no-path-check`) are taken as given, not looked up here."""
+    return (info.context or {}).get("check_paths", True)
 
 
 class _Section(BaseModel):
@@ -66,7 +72,9 @@ class ModelSection(_Section):
 
     @field_validator("path")
     @classmethod
-    def _path_exists_or_hub_id(cls, value: str) -> str:
+    def _path_exists_or_hub_id(cls, value: str, info: ValidationInfo) -> str:
+        if not _checks_paths(info):
+            return value
         local = Path(value).expanduser()
         if local.is_dir():
             if not (local / "model_index.json").is_file():
@@ -112,13 +120,15 @@ class DataSection(_Section):
 
     @field_validator("shards")
     @classmethod
-    def _index_exists(cls, value: Path) -> Path:
-        if not (value.expanduser() / "index.json").is_file():
+    def _index_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        if _checks_paths(info) and not (value.expanduser() / "index.json").is_file():
             raise ValueError(f"no index.json in {str(value)!r}; build shards with `difftrain-dist shards build`")
         return value
 
     @model_validator(mode="after")
-    def _resolution_of_the_shards(self) -> DataSection:
+    def _resolution_of_the_shards(self, info: ValidationInfo) -> DataSection:
+        if not _checks_paths(info):
+            return self
         built = _shard_resolutions(self.shards.expanduser() / "index.json")
         if self.resolution is None:
             if built:
@@ -340,24 +350,34 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", *, check_paths: bool = True) -> Recipe:
     """Validate a raw mapping into a :class:`Recipe`, resolving paths to absolute ones.
+
+    `check_paths=False` validates everything but the file system: model and shard paths are
+    taken as given (they live on a cluster), not looked up or resolved.
 
     Raises:
         RecipeError: listing every invalid, missing or unknown field with its dotted path.
     """
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw, context={"check_paths": check_paths})
     except ValidationError as err:
         raise RecipeError(_format_errors(err, source)) from None
-    return _absolute_paths(recipe)
+    return _absolute_paths(recipe) if check_paths else recipe
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None, *, replace: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(
+    path: Path,
+    overrides: list[str] | None = None,
+    *,
+    replace: dict[str, Any] | None = None,
+    check_paths: bool = True,
+) -> Recipe:
     """Read a YAML recipe, apply `--set` overrides and validate it.
 
     Relative paths in the recipe are taken relative to the current directory. `replace` sets
-    dotted fields to values as given (no YAML parsing), after the overrides.
+    dotted fields to values as given (no YAML parsing), after the overrides. `check_paths`: see
+    `recipe_from_dict`.
 
     Raises:
         RecipeError: the file is missing, is not a YAML mapping, or fails validation.
@@ -378,7 +398,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None, *, replace: dict
         for section in sections:
             node = node.setdefault(section, {})
         node[field] = value
-    return recipe_from_dict(raw, source=str(path))
+    return recipe_from_dict(raw, source=str(path), check_paths=check_paths)
 
 
 def _absolute_paths(recipe: Recipe) -> Recipe:

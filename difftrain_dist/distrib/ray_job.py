@@ -52,6 +52,10 @@ class RaySession:
                 self._stop_ref = self.board.stop_requested.remote()
         return self._stopped
 
+    def node_id(self) -> str:
+        """Ray's id of this worker's node."""
+        return ray.get_runtime_context().get_node_id()
+
     def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(local_dir))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)

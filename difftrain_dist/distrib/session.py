@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -28,6 +29,9 @@ class WorkerSession(Protocol):
 
     def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
         """Move this rank's checkpoint files from `local_dir` to `run_dir/name` (all ranks call it)."""
+
+    def node_id(self) -> str:
+        """The cluster node this rank runs on (recorded in its checkpoint manifest)."""
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -73,6 +77,9 @@ class LocalSession:
 
     def log(self, metrics: dict[str, Any]) -> None:
         print(format_metrics(metrics), file=sys.stderr, flush=True)
+
+    def node_id(self) -> str:
+        return socket.gethostname()
 
     def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
         shutil.copytree(local_dir, run_dir / name, dirs_exist_ok=True)

@@ -198,6 +198,7 @@ def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: f
         "state": state.to_dict(),
         "rng": capture_rng(trainee.noise_generator),
         "host": socket.gethostname(),
+        "node_id": session.node_id(),
         "pid": os.getpid(),
         "saved_at": time.time(),
     }

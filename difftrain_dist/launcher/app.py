@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from difftrain_dist.launcher import checkpoints, export, models, sample, shards, train, worker
+from difftrain_dist.cluster.secrets import DEFAULT_ENV_FILE, load_env_file
+from difftrain_dist.launcher import checkpoints, cluster, export, models, sample, shards, train, worker
+from difftrain_dist.launcher.common import user_errors
 from difftrain_dist.quiet import apply_quiet_env
 
 app = typer.Typer(
@@ -23,9 +25,15 @@ app.command("sample")(sample.sample)
 app.command("worker")(worker.worker)
 app.add_typer(shards.app, name="shards")
 app.add_typer(models.app, name="models")
+app.command("submit")(cluster.submit)
+app.add_typer(cluster.jobs_app, name="jobs")
+app.add_typer(cluster.cluster_app, name="cluster")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Secrets in ./.env are loaded into the environment first (as
+    ai-toolkit does; variables already set win), so local runs and their workers see them."""
     apply_quiet_env()
+    with user_errors():
+        load_env_file(DEFAULT_ENV_FILE)
     app()
