@@ -174,9 +174,11 @@ class TrainSection(_Section):
     logit_std: float = Field(1.0, gt=0)
     """Standard deviation for logit_normal/sigmoid sampling (kohya's sigmoid_scale)."""
     flow_shift: float | None = Field(None, gt=0)
-    """sd3/flux: fixed timestep shift; None uses the model's (SD3: 3.0; FLUX.1-dev: by resolution)."""
+    """sd3/flux: fixed timestep shift; None uses the model scheduler's (SD3: 3.0; FLUX.1-dev: by
+    resolution, as kohya's flux_shift). 1.0 gives diffusers' FLUX script's unshifted sigmas."""
     guidance_scale: float = Field(1.0, ge=0)
-    """flux dev: the guidance-embedding input during training (1.0 as in diffusers' script)."""
+    """flux dev: the guidance-embedding input during training (1.0, as ai-toolkit and diffusers'
+    FLUX LoRA example use)."""
 
 
 class DistributedSection(_Section):
@@ -245,6 +247,9 @@ class Recipe(_Section):
         arch = self.model.arch
         if self.lora.train_text_encoder and arch not in TEXT_ENCODER_LORA_ARCHS:
             raise ValueError(f"lora.train_text_encoder: supported for {list(TEXT_ENCODER_LORA_ARCHS)}, not {arch}")
+        if self.lora.train_text_encoder and self.distributed.zero_stage == 3:
+            raise ValueError("lora.train_text_encoder needs distributed.zero_stage 0-2: CLIP reads its position "
+                             "table's shape outside the forward hooks that ZeRO-3 gathers weights in")
         if self.lora.text_encoder_target_modules and not self.lora.train_text_encoder:
             raise ValueError("lora.text_encoder_target_modules is set but lora.train_text_encoder is false")
         if self.train.flow_shift is not None and arch in DDPM_ARCHS:

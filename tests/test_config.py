@@ -169,3 +169,10 @@ def test_resolution_must_be_one_the_shards_were_built_at(tmp_path, paths):
     assert load_recipe(path, ["data.resolution=null"]).data.resolution == 128
     with pytest.raises(RecipeError, match=r"data: resolution 512, but the shards were built at \[64, 128\]"):
         load_recipe(path, ["data.resolution=512"])
+
+
+def test_text_encoder_lora_needs_zero_below_3(tmp_path, paths):
+    path = write_recipe(tmp_path, *paths)
+    with pytest.raises(RecipeError, match="train_text_encoder needs distributed.zero_stage 0-2"):
+        load_recipe(path, ["lora.train_text_encoder=true", "distributed.zero_stage=3"])
+    assert load_recipe(path, ["lora.train_text_encoder=true", "distributed.zero_stage=2"]).lora.train_text_encoder

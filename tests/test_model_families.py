@@ -93,6 +93,15 @@ def test_lora_file_loads_into_diffusers_as_hand_merged(tiny_model, tmp_path: Pat
         assert len(tensors) == len(state) // 2 * 3
     components = {key.partition(".")[0] for key in state}
     assert components == set(module.lora_configs)
+    # Text encoders are named with CLIP's `text_model.` level, whatever transformers' own layout,
+    # the names ComfyUI, A1111 and kohya map.
+    for component in adapter.text_encoders:
+        if fmt == "diffusers":
+            expected = f"{component}.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+        else:
+            stem = "text_model_encoder_layers_0_self_attn_q_proj"
+            expected = f"{adapter.kohya_prefixes[component]}_{stem}.lora_down.weight"
+        assert expected in tensors
 
     # float64 pipelines, so rounding stays far below the LoRA's effect; a wrong strength (alpha)
     # or a component left out would differ by a fraction of the effect itself.
@@ -214,3 +223,24 @@ def test_logit_normal_and_sigmoid_sampling() -> None:
     assert abs(torch.logit(sigmoid).std() - 0.5) < 0.02
     with pytest.raises(ValueError, match="timestep_sampling"):
         TimestepOptions("cosmap")
+
+
+def test_architecture_is_read_from_the_model(tiny_model, tmp_path: Path) -> None:
+    from difftrain_dist.models.lora_formats import check_lora_fits
+    from difftrain_dist.models.registry import arch_of_model, checked_arch
+
+    for name, arch in TINY.items():
+        assert arch_of_model(str(tiny_model(name))) == arch
+    assert checked_arch(str(tiny_model("sdxl")), None) == "sdxl"
+    with pytest.raises(ValueError, match="--arch sd15: the model .* is sdxl"):
+        checked_arch(str(tiny_model("sdxl")), "sd15")
+    with pytest.raises(ValueError, match="model_index.json"):
+        arch_of_model(str(tmp_path))
+    adapter = _adapter(tiny_model, "sd15")
+    module = _with_lora(adapter, text_encoders=False)
+    path = save_lora_file(tmp_path / "x.safetensors", module.lora_state_dict(), lora_configs=module.lora_configs,
+                          metadata=training_metadata(arch="sd15", base_model="m", rank=RANK, alpha=ALPHA,
+                                                     steps=1, resolution=64, seed=0))
+    check_lora_fits(path, "sd15")
+    with pytest.raises(ValueError, match="trained for stable-diffusion-v1, not for this flux model"):
+        check_lora_fits(path, "flux")

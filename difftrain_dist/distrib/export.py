@@ -105,11 +105,20 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str = "diffusers") ->
     if not info.valid:
         raise ValueError(f"checkpoint {ckpt_dir} is not valid: {info.reason}")
     manifest = info.manifests[0]
+    recipe = manifest["recipe"]
+    adapter = get_adapter(recipe["model"]["arch"])
+    if fmt == "kohya" and not adapter.kohya_prefixes:
+        raise ValueError(f"--format kohya: not available for {adapter.arch}: diffusers has no loader for "
+                         f"kohya-style {adapter.arch} files; use --format diffusers (ComfyUI loads it as well)")
     weights = _consolidated_lora_weights(info.path, info.step, manifest["zero_stage"])
     if not weights:
         raise ValueError(f"checkpoint {ckpt_dir} holds no LoRA weights")
-    recipe, configs = manifest["recipe"], manifest["lora_configs"]
-    adapter = get_adapter(recipe["model"]["arch"])
+    if "lora_configs" in manifest:
+        configs = manifest["lora_configs"]
+    else:  # written by difftrain-dist 0.1: the denoiser only, names without the component
+        configs = {adapter.lora_prefix: manifest["lora_config"]}
+        prefix = adapter.lora_prefix + "."
+        weights = {key if key.startswith(prefix) else prefix + key: value for key, value in weights.items()}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     return save_lora_file(
         out_path,

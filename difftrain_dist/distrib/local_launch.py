@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 
 from difftrain_dist.config import Recipe
+from difftrain_dist.data_shards import ShardIndex
 from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.session import LocalSession
-from difftrain_dist.distrib.worker import train_worker
+from difftrain_dist.distrib.worker import check_data_fits_model, train_worker
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
 
@@ -37,6 +38,7 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         ValueError: the rendezvous variables are missing.
     """
     _env_from_slurm()
+    check_data_fits_model(recipe, ShardIndex.load(recipe.data.shards))
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise ValueError(f"run under torchrun or srun: environment lacks {', '.join(missing)}")

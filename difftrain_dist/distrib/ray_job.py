@@ -22,12 +22,13 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from difftrain_dist.config import Recipe
+from difftrain_dist.data_shards import ShardIndex
 from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay
 from difftrain_dist.distrib.resume import choose_checkpoint
 from difftrain_dist.distrib.session import PREEMPTION_SIGNALS
-from difftrain_dist.distrib.worker import train_worker
+from difftrain_dist.distrib.worker import check_data_fits_model, train_worker
 from difftrain_dist.quiet import quiet_env
 
 
@@ -182,6 +183,7 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
         RuntimeError: training finished but left no valid checkpoint.
     """
     choose_checkpoint(recipe)  # refuse early (recipe changed, ZeRO stage changed), before any write
+    check_data_fits_model(recipe, ShardIndex.load(recipe.data.shards))
     init_ray(recipe.distributed.address, recipe.distributed.num_workers * recipe.distributed.cpus_per_worker)
     save_run_recipe(recipe)
     forget_ray_run_snapshot(recipe.run_dir)

@@ -62,6 +62,7 @@ def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[Check
     """
     info, skipped = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
     if info is None and (other := next((s for s in skipped if s.recipe_mismatch), None)):
+        _refuse_earlier_format(other)
         changed = changed_fields(other.manifests[0].get("resume_identity", {}), recipe.resume_identity())
         raise ValueError(
             f"{recipe.run_dir} holds checkpoints of another recipe (changed: {', '.join(changed) or 'unknown'}); "
@@ -114,8 +115,20 @@ def to_universal(info: CheckpointInfo, run_dir: Path) -> Path:
     return out
 
 
+def _refuse_earlier_format(info: CheckpointInfo) -> None:
+    """Checkpoints of difftrain-dist 0.1 name LoRA weights without their pipeline component and
+    record one `lora_config`: their weights would not load into today's engine, so say so."""
+    if "lora_configs" not in info.manifests[0]:
+        raise ValueError(
+            f"{info.path} was written by an earlier difftrain-dist (one LoRA component, other parameter "
+            f"names) and cannot be resumed; `difftrain-dist export {info.path} -o FILE` still gives its LoRA, "
+            "and a new run.name starts afresh"
+        )
+
+
 def check_compatible(info: CheckpointInfo, recipe: Recipe) -> None:
     """Raise ValueError when the run cannot continue from `info` with this recipe's settings."""
+    _refuse_earlier_format(info)
     stage = info.manifests[0].get("zero_stage")
     if stage != recipe.distributed.zero_stage:
         raise ValueError(

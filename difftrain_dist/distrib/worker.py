@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from difftrain_dist.config import Recipe
-from difftrain_dist.data_shards import ShardStream
+from difftrain_dist.data_shards import ShardIndex, ShardStream
 from difftrain_dist.distrib.checkpoint import apply_retention, checkpoint_name, deepspeed_tag, write_rank_manifest
 from difftrain_dist.distrib.engine import DTYPES, apply_recipe_lr, build_engine
 from difftrain_dist.distrib.export import write_checkpoint_lora
@@ -119,14 +119,20 @@ def setup_trainee(
     engine, _, _ = build_engine(trained, recipe, load_universal=load_universal)
     noise_generator = torch.Generator(device).manual_seed(recipe.run.seed * 1_000_003 + global_rank)
     return Trainee(adapter, engine, lora_configs, device, noise_generator,
-                   precomputed_conditioning=captions_as_stored(recipe) and not lora.train_text_encoder)
+                   precomputed_conditioning=precomputed_text_unusable(recipe) is None)
 
 
-def captions_as_stored(recipe: Recipe) -> bool:
-    """True when the recipe's caption transforms are all off, so a batch's captions are the ones
-    stored in the shards (and precomputed text embeddings of them can stand in for encoding)."""
+def precomputed_text_unusable(recipe: Recipe) -> str | None:
+    """Why precomputed text embeddings (of the captions as stored, with every text encoder of the
+    model) cannot stand in for encoding this recipe's captions; None when they can."""
     data = recipe.data
-    return data.caption_dropout == 0 and not data.shuffle_captions and data.trigger_word is None
+    if data.caption_dropout or data.shuffle_captions or data.trigger_word is not None:
+        return "data.caption_dropout, shuffle_captions or trigger_word change the captions"
+    if recipe.lora.train_text_encoder:
+        return "lora.train_text_encoder trains the text encoders"
+    if not recipe.model.use_t5:
+        return "model.use_t5 is false, and they hold T5's states"
+    return None
 
 
 def train_micro_batch(trainee: Trainee, batch: dict[str, Any]) -> float:
@@ -230,7 +236,7 @@ def render_training_samples(trainee: Trainee, recipe: Recipe, step: int) -> Path
             list(sample.prompts),
             seed=sample.seed,
             steps=sample.num_inference_steps,
-            resolution=sample.resolution or recipe.data.resolution,
+            resolution=sample.resolution or recipe.data.resolution // 16 * 16,
             guidance_scale=adapter.sample_guidance_scale if sample.guidance_scale is None else sample.guidance_scale,
         )
     finally:
@@ -292,18 +298,34 @@ def _stream(recipe: Recipe, state: TrainState | None = None) -> ShardStream:
     )
 
 
+def check_data_fits_model(recipe: Recipe, index: ShardIndex) -> None:
+    """Before anything starts: the shards suit the model. Raises ValueError when they were
+    precomputed for another architecture, or hold a bucket whose sides the architecture cannot
+    take (SD3 and FLUX need multiples of 16 px: 2×2 latent patches)."""
+    arch = recipe.model.arch
+    pre = index.precomputed
+    if pre is not None and pre.arch != arch:
+        raise ValueError(f"data.shards: {recipe.data.shards} was precomputed for arch {pre.arch!r}, but model.arch "
+                         f"is {arch!r}; run `difftrain-dist shards precompute {recipe.data.shards} MODEL` again")
+    multiple = get_adapter(arch).pixel_multiple
+    bad = [name for name in index.bucket_names if any(int(side) % multiple for side in name.split("x"))]
+    if bad:
+        raise ValueError(f"data.shards: buckets {bad} have sides that are not multiples of {multiple} px, which "
+                         f"{arch} needs; rebuild the shards with --bucket-step {max(multiple, 64)}")
+
+
 def _check_precomputed(recipe: Recipe, stream: ShardStream) -> None:
-    """Precomputed latents must come from this architecture; warn when from another model path."""
+    """Say what of the precomputed data this run uses; warn when it came from another model path."""
     pre = stream.index.precomputed
-    if pre is None:
+    if pre is None or dist.get_rank() != 0:
         return
-    if pre.arch != recipe.model.arch:
-        raise ValueError(f"data.shards: {recipe.data.shards} was precomputed for arch {pre.arch!r}, "
-                         f"but model.arch is {recipe.model.arch!r}; run `shards precompute` again")
     local = Path(recipe.model.path).expanduser()
     model = str(local.resolve()) if local.exists() else str(recipe.model.path)
-    if pre.model != model and dist.get_rank() == 0:
+    if pre.model != model:
         log.warning("data.shards was precomputed with model %s, training uses %s", pre.model, model)
+    if pre.conditioning and (reason := precomputed_text_unusable(recipe)):
+        log.warning("precomputed text embeddings are not used (%s): captions are encoded at each step; "
+                    "the precomputed VAE latents are used", reason)
 
 
 def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
@@ -319,13 +341,14 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
     trainee = setup_trainee(recipe, dist.get_rank(), load_universal=plan.reshard)
     state = _load(trainee, recipe, plan, _stream(recipe).batches_per_epoch)
     stream = _stream(recipe, state)
+    check_data_fits_model(recipe, stream.index)
     _check_precomputed(recipe, stream)
     if state.step >= recipe.train.max_steps and dist.get_rank() == 0:
         log.warning("already at step %d >= train.max_steps %d: nothing to train", state.step, recipe.train.max_steps)
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps
     meter = Throughput(recipe.data.micro_batch_size * gas * dist.get_world_size(), state.step)
-    loader = DataLoader(stream, batch_size=None, num_workers=recipe.data.loader_workers)
+    loader = make_loader(stream, recipe)
     losses: list[float] = []
     stop = False
     for batch in _batches(loader, state.step, train.max_steps, gas):
@@ -349,6 +372,15 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
         if stop:
             break
     return WorkerResult(state, stopped_early=stop and state.step < train.max_steps)
+
+
+def make_loader(stream: ShardStream, recipe: Recipe) -> DataLoader:
+    """The rank's DataLoader over its stream (batches are made by the stream: batch_size None).
+
+    It has its own generator: starting an iterator draws a base seed, which must not come from
+    the global torch RNG that LoRA dropout draws from (restored on resume just before)."""
+    return DataLoader(stream, batch_size=None, num_workers=recipe.data.loader_workers,
+                      generator=torch.Generator().manual_seed(recipe.run.seed))
 
 
 def _batches(loader: DataLoader, start_step: int, max_steps: int, gas: int):

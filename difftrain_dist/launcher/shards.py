@@ -48,7 +48,9 @@ def build(
     precompute: Annotated[str | None, typer.Option(
         help="Model folder or hub id: also store VAE latents and text embeddings of every sample "
              "(as `shards precompute` does).", show_default=False)] = None,
-    arch: Annotated[str, typer.Option(help="Architecture of the --precompute model.")] = "sd15",
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture of the --precompute model (default: read from the model).")
+    ] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster for --precompute (default: RAY_ADDRESS, else a local one).")] = None,
     workers: Annotated[int | None, typer.Option(
@@ -72,7 +74,7 @@ def build(
 def precompute_cmd(
     shards_dir: Annotated[Path, typer.Argument(help="Folder holding index.json and the shards.")],
     model_path: Annotated[str, typer.Argument(help="Diffusers model folder or hub id.")],
-    arch: Annotated[str, typer.Option(help="Model architecture.")] = "sd15",
+    arch: Annotated[str | None, typer.Option(help="Model architecture (default: read from the model).")] = None,
     address: Annotated[str | None, typer.Option(
         help="Ray cluster address (default: RAY_ADDRESS, else a local one).")] = None,
     workers: Annotated[int | None, typer.Option(
@@ -82,10 +84,13 @@ def precompute_cmd(
     _precompute(shards_dir, model_path, arch, address, workers)
 
 
-def _precompute(shards_dir: Path, model_path: str, arch: str, address: str | None, workers: int | None) -> None:
+def _precompute(shards_dir: Path, model_path: str, arch: str | None, address: str | None,
+                workers: int | None) -> None:
     from difftrain_dist.distrib.precompute import run_precompute, summary
+    from difftrain_dist.models.registry import checked_arch
 
     with user_errors():
+        arch = checked_arch(model_path, arch)
         stats = summary(run_precompute(shards_dir, model_path, arch=arch, address=address, num_workers=workers))
     console.print(f"precomputed {stats['samples']} samples in {stats['shards']} shard(s) on "
                   f"{stats['processes']} worker process(es) → {shards_dir}/*.precomputed.tar")

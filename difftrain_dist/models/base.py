@@ -61,6 +61,8 @@ class DiffusionAdapter(abc.ABC):
     """Default guidance scale when rendering samples."""
     vae_scale_factor: ClassVar[int] = 8
     """Pixels per latent pixel along each side."""
+    pixel_multiple: ClassVar[int] = 8
+    """Image sides must be multiples of this many pixels (16 where latents are cut in 2×2 patches)."""
 
     denoiser: torch.nn.Module
     """The UNet/transformer: LoRA goes in here and the trainer wraps it."""

@@ -30,6 +30,10 @@ _ARCH_METADATA = {
     "flux": ("flux1", "flux-1-dev"),
 }
 _RESERVED_HEADER_KEYS = ("format", LORA_ADAPTER_METADATA_KEY)
+# Children of CLIP's text transformer. transformers 5 flattens CLIPTextModel (no `text_model.`
+# level) but not CLIPTextModelWithProjection; files always carry `text_model.`, the layout that
+# ComfyUI, A1111 and kohya map (diffusers strips it again when the loaded model lacks it).
+_CLIP_TEXT_CHILDREN = ("embeddings.", "encoder.layers.", "final_layer_norm.")
 
 
 def save_lora_file(
@@ -79,6 +83,7 @@ def save_lora_file(
             if key not in config:
                 raise ValueError(f"lora_configs[{component!r}]: missing {key!r}")
     first = next(iter(lora_configs.values()))
+    state_dict = canonical_text_encoder_keys(state_dict)
     if fmt == "diffusers":
         tensors = dict(state_dict)
         packed = {
@@ -95,6 +100,19 @@ def save_lora_file(
     header["format"] = "pt"
     tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
     return _atomic_save(Path(path), tensors, header)
+
+
+def canonical_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put `text_model.` back into CLIP text-encoder keys that lack it (a flattened
+    `CLIPTextModel` under transformers 5): `text_encoder.encoder.layers.0…` →
+    `text_encoder.text_model.encoder.layers.0…`. Other keys are unchanged; values not copied."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        component, _, rest = key.partition(".")
+        if component.startswith("text_encoder") and rest.startswith(_CLIP_TEXT_CHILDREN):
+            key = f"{component}.text_model.{rest}"
+        out[key] = value
+    return out
 
 
 def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -201,6 +219,22 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     except safetensors.SafetensorError as error:
         raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from error
     return tensors, header
+
+
+def check_lora_fits(path: Path, arch: str) -> None:
+    """Raise ValueError when the LoRA file's `modelspec.architecture` header names another
+    architecture than `arch` (files without the header are not judged)."""
+    if arch not in _ARCH_METADATA:
+        raise ValueError(f"arch: unknown architecture {arch!r}; known: {sorted(_ARCH_METADATA)}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            declared = (handle.metadata() or {}).get("modelspec.architecture")
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from None
+    family = _ARCH_METADATA[arch][1].removesuffix("-dev")
+    if declared and not declared.startswith(family):
+        raise ValueError(f"LoRA file {str(path)!r} was trained for {declared.removesuffix('/lora')}, "
+                         f"not for this {arch} model")
 
 
 def training_metadata(

@@ -24,3 +24,35 @@ def get_adapter(arch: str) -> type[DiffusionAdapter]:
         raise ValueError(
             f"arch: unknown architecture {arch!r}; known: {sorted(ADAPTERS)}"
         ) from None
+
+
+def arch_of_model(path: str) -> str:
+    """The architecture of a diffusers model folder or hub id, from its model_index.json's
+    `_class_name` (the pipeline class: StableDiffusionPipeline → "sd15", StableDiffusionXLPipeline →
+    "sdxl", StableDiffusion3Pipeline → "sd3", FluxPipeline → "flux").
+
+    Raises ValueError naming the path when model_index.json cannot be read or names another pipeline.
+    """
+    from diffusers import DiffusionPipeline
+
+    try:
+        class_name = DiffusionPipeline.load_config(str(path))["_class_name"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"model {path!r}: cannot read its model_index.json ({error})") from None
+    for arch, adapter in ADAPTERS.items():
+        if adapter.pipeline_class.__name__ == class_name:
+            return arch
+    known = ", ".join(f"{a.pipeline_class.__name__} ({arch})" for arch, a in ADAPTERS.items())
+    raise ValueError(f"model {path!r} is a {class_name}; supported: {known}")
+
+
+def checked_arch(path: str, arch: str | None) -> str:
+    """`arch` when it matches the model at `path`, the model's own when `arch` is None.
+
+    Raises ValueError (naming both) when they differ or the model cannot be read.
+    """
+    found = arch_of_model(path)
+    if arch is not None and arch != found:
+        get_adapter(arch)  # an unknown name gets the list of known ones
+        raise ValueError(f"--arch {arch}: the model at {path!r} is {found} ({ADAPTERS[found].pipeline_class.__name__})")
+    return found

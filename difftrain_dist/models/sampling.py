@@ -50,9 +50,10 @@ def render_samples(
     guidance_scale: float = 7.5,
     device: str = "cpu",
 ) -> list[Image.Image]:
-    """`render` with `pipeline_class.from_pretrained(model_path)` (fp32 on `device`), after
-    `load_lora_weights(lora)` when a LoRA `.safetensors` file is given."""
-    pipe = pipeline_class.from_pretrained(model_path, dtype=torch.float32).to(device)
+    """`render` with `pipeline_class.from_pretrained(model_path)` on `device` (fp32 on CPU, bf16
+    on CUDA), after `load_lora_weights(lora)` when a LoRA `.safetensors` file is given."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    pipe = pipeline_class.from_pretrained(model_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
