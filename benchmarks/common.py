@@ -37,13 +37,18 @@ def tiny_assets(root: Path, resolution: int = 64) -> tuple[Path, Path]:
     return model, shards
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def single_rank_group(backend: str = "gloo"):
     """A world-size-1 process group in this process (what torchrun would set up): gloo on CPU,
     or "nccl" on GPU 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     if backend == "gloo":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:

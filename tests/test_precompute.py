@@ -102,16 +102,3 @@ def test_worker_uses_precomputed_batches(precomputed, adapter):
     assert worker._conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] == 1
     trainee.precomputed_conditioning = False
     assert worker._conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] != 1
-
-
-def test_captions_as_stored():
-    from difftrain_dist.distrib.worker import captions_as_stored
-
-    def recipe(**data):
-        base = {"caption_dropout": 0.0, "shuffle_captions": False, "trigger_word": None}
-        return SimpleNamespace(data=SimpleNamespace(**{**base, **data}))
-
-    assert captions_as_stored(recipe())
-    assert not captions_as_stored(recipe(caption_dropout=0.1))
-    assert not captions_as_stored(recipe(shuffle_captions=True))
-    assert not captions_as_stored(recipe(trigger_word="sks"))

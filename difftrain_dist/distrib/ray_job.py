@@ -20,6 +20,7 @@ import torch.distributed as dist
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
@@ -187,7 +188,10 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     init_ray(recipe.distributed.address, recipe.distributed.num_workers * recipe.distributed.cpus_per_worker)
     save_run_recipe(recipe)
     forget_ray_run_snapshot(recipe.run_dir)
-    board = ProgressBoard.remote()
+    # On the driver's node: a lost worker node must not take the progress board (and the stop
+    # flag) with it while Ray restarts the worker group.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ProgressBoard.options(scheduling_strategy=here).remote()
     trainer = build_trainer(recipe, board)
     with stop_on_signals(board) as signals, ProgressDisplay(board, recipe.train.max_steps, enabled=show_progress):
         trainer.fit()

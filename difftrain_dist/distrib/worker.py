@@ -207,6 +207,7 @@ def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: f
         "node_id": session.node_id(),
         "pid": os.getpid(),
         "saved_at": time.time(),
+        "peak_rss_mib": peak_rss_mib(),
     }
     write_rank_manifest(local_dir, global_rank, manifest)
     session.persist_checkpoint(local_dir, recipe.run_dir, checkpoint_name(state.step), {"step": state.step})
@@ -247,6 +248,13 @@ def render_training_samples(trainee: Trainee, recipe: Recipe, step: int) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)
     return path
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (getrusage; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Throughput:

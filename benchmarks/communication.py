@@ -1,0 +1,115 @@
+"""Communication volume: bytes each rank sends into collectives per optimizer step, measured with
+DeepSpeed's comms logger on a real 2-rank gloo run (tiny SD1.5, LoRA r16, ZeRO-2, micro-batch 2),
+then the cost of the same traffic for an SDXL-sized LoRA on 8-64 GPUs, worked out on paper.
+
+Data parallelism moves gradients only: ZeRO-2 reduce-scatters the LoRA gradients and all-gathers
+the updated partitions, the same volume as one all-reduce. A ring all-reduce of G bytes sends
+2(N-1)/N * G bytes from every GPU (Patarasuk & Yuan 2009), so the time per step is that over the
+per-GPU network bandwidth.
+
+    python -m benchmarks.communication
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from benchmarks.checkpoint import SdxlSizedLora
+from benchmarks.common import free_port, tiny_assets, write_result
+
+STEPS = 4
+WORLD = 2
+GPU_COUNTS = (8, 16, 32, 64)
+LINKS_GBPS = {"400 Gb/s per GPU (8 NICs per node)": 400, "100 Gb/s per node, 8 GPUs sharing it": 100 / 8}
+STEP_S_SDXL_H200 = 0.45
+"""One SDXL batch-4 step on an H200 (benchmarks/gpu_check.py, plain loop)."""
+
+
+def _rank(rank: int, root: Path, model: Path, shards: Path, port: int, out: Path) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    import deepspeed.comm.comm as ds_comm
+
+    from difftrain_dist.config import recipe_from_dict
+    from difftrain_dist.data_shards import ShardStream
+    from difftrain_dist.distrib import engine
+    from difftrain_dist.distrib.worker import reduce_step_stats, setup_trainee, train_micro_batch
+
+    plain_config = engine.deepspeed_config
+
+    def with_comms_logger(recipe, **kwargs):
+        return {**plain_config(recipe, **kwargs), "comms_logger": {"enabled": True, "prof_all": True}}
+
+    engine.deepspeed_config = with_comms_logger
+    recipe = recipe_from_dict({
+        "run": {"name": "comm", "storage_path": str(root / "runs")},
+        "model": {"path": str(model)},
+        "data": {"shards": str(shards), "micro_batch_size": 2},
+        "train": {"max_steps": 100},
+        "distributed": {"num_workers": WORLD, "zero_stage": 2},
+    })
+    trainee = setup_trainee(recipe, rank)
+    stream = ShardStream(shards, micro_batch_size=2, global_rank=rank, world_size=WORLD, seed=0)
+    batches = iter(stream)
+    for _ in range(2):  # warm-up: buffers are set up on the first steps
+        reduce_step_stats(train_micro_batch(trainee, next(batches)), False)
+    ds_comm.comms_logger.comms_dict.clear()
+    for _ in range(STEPS):
+        reduce_step_stats(train_micro_batch(trainee, next(batches)), False)
+    per_op = {name: sum(size * record[0] for size, record in sizes.items()) / STEPS
+              for name, sizes in ds_comm.comms_logger.comms_dict.items()}
+    lora = sum(p.numel() for p in trainee.engine.module.parameters() if p.requires_grad)
+    if rank == 0:
+        out.write_text(json.dumps({"bytes_per_step_by_op": per_op, "lora_params": lora}))
+    dist.destroy_process_group()
+
+
+def paper_calculation(gradient_bytes: float) -> list[dict]:
+    """Per-GPU ring all-reduce traffic and time per step for each GPU count and link."""
+    rows = []
+    for gpus in GPU_COUNTS:
+        sent = 2 * (gpus - 1) / gpus * gradient_bytes
+        for link, gbps in LINKS_GBPS.items():
+            seconds = sent / (gbps * 1e9 / 8)
+            rows.append({"gpus": gpus, "link": link, "sent_mb": sent / 1e6, "ms": seconds * 1e3,
+                         "share_of_step": seconds / (STEP_S_SDXL_H200 + seconds)})
+    return rows
+
+
+def main() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model, shards = tiny_assets(root)
+        out = root / "comm.json"
+        mp.spawn(_rank, args=(root, model, shards, free_port(), out), nprocs=WORLD, join=True)
+        measured = json.loads(out.read_text())
+    total = sum(measured["bytes_per_step_by_op"].values()) + 16  # + reduce_step_stats: 2 float64
+    expected = measured["lora_params"] * 4  # fp32 LoRA gradients
+    sdxl_params = sum(p.numel() for p in SdxlSizedLora().parameters())  # r16 on every SDXL attention projection
+    sdxl_bf16 = sdxl_params * 2  # bf16 on GPU: DeepSpeed's torch_autocast reduces in bf16
+    result = {"world_size": WORLD, **measured, "bytes_per_step": total, "lora_grad_bytes": expected,
+              "ratio_to_gradients": total / expected, "sdxl_lora_params": sdxl_params,
+              "sdxl_lora_bf16_bytes": sdxl_bf16,
+              "paper": paper_calculation(sdxl_bf16)}
+    ops = ", ".join(f"{name} {size / 1e6:.3f} MB" for name, size in measured["bytes_per_step_by_op"].items())
+    print(f"communication (tiny SD1.5, LoRA {measured['lora_params']:,} params, ZeRO-2, 2 ranks): "
+          f"{total / 1e6:.3f} MB per rank per step ({ops}); fp32 LoRA gradients are {expected / 1e6:.3f} MB "
+          f"(ratio {total / expected:.2f})")
+    for row in result["paper"]:
+        print(f"  SDXL LoRA bf16 {sdxl_bf16 / 1e6:.1f} MB, {row['gpus']:>2} GPUs, {row['link']}: "
+              f"{row['sent_mb']:.1f} MB sent per GPU, {row['ms']:.1f} ms = {row['share_of_step']:.1%} of a step")
+    write_result("communication", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
