@@ -1,11 +1,14 @@
-"""Communication volume: bytes each rank sends into collectives per optimizer step, measured with
-DeepSpeed's comms logger on a real 2-rank gloo run (tiny SD1.5, LoRA r16, ZeRO-2, micro-batch 2),
-then the cost of the same traffic for an SDXL-sized LoRA on 8-64 GPUs, worked out on paper.
+"""Communication volume: the collectives of one optimizer step and their message sizes, measured
+with DeepSpeed's comms logger on a real 2-rank gloo run (tiny SD1.5, LoRA r16, the recipe's
+default ZeRO-1, micro-batch 2), then the cost of the same pattern for an SDXL-sized LoRA on 8-64
+GPUs, worked out on paper.
 
-Data parallelism moves gradients only: ZeRO-2 reduce-scatters the LoRA gradients and all-gathers
-the updated partitions, the same volume as one all-reduce. A ring all-reduce of G bytes sends
-2(N-1)/N * G bytes from every GPU (Patarasuk & Yuan 2009), so the time per step is that over the
-per-GPU network bandwidth.
+Only LoRA tensors travel. Per step ZeRO-1 all-reduces the gradients (G bytes) and all-gathers the
+updated optimizer partitions (G bytes in all, G/N from each rank). With ring algorithms every GPU
+sends 2(N-1)/N * G for the all-reduce and (N-1)/N * G for the all-gather (Patarasuk & Yuan 2009),
+3(N-1)/N * G in all; the time per step is that over the per-GPU network bandwidth. The table
+takes G in fp32 (an upper bound: on GPU DeepSpeed's torch_autocast reduces Linear gradients in
+bf16).
 
     python -m benchmarks.communication
 """
@@ -55,7 +58,7 @@ def _rank(rank: int, root: Path, model: Path, shards: Path, port: int, out: Path
         "model": {"path": str(model)},
         "data": {"shards": str(shards), "micro_batch_size": 2},
         "train": {"max_steps": 100},
-        "distributed": {"num_workers": WORLD, "zero_stage": 2},
+        "distributed": {"num_workers": WORLD},
     })
     trainee = setup_trainee(recipe, rank)
     stream = ShardStream(shards, micro_batch_size=2, global_rank=rank, world_size=WORLD, seed=0)
@@ -74,10 +77,10 @@ def _rank(rank: int, root: Path, model: Path, shards: Path, port: int, out: Path
 
 
 def paper_calculation(gradient_bytes: float) -> list[dict]:
-    """Per-GPU ring all-reduce traffic and time per step for each GPU count and link."""
+    """Per-GPU ring traffic (all-reduce + all-gather of G) and time per step for each GPU count and link."""
     rows = []
     for gpus in GPU_COUNTS:
-        sent = 2 * (gpus - 1) / gpus * gradient_bytes
+        sent = 3 * (gpus - 1) / gpus * gradient_bytes
         for link, gbps in LINKS_GBPS.items():
             seconds = sent / (gbps * 1e9 / 8)
             rows.append({"gpus": gpus, "link": link, "sent_mb": sent / 1e6, "ms": seconds * 1e3,
@@ -92,20 +95,21 @@ def main() -> dict:
         out = root / "comm.json"
         mp.spawn(_rank, args=(root, model, shards, free_port(), out), nprocs=WORLD, join=True)
         measured = json.loads(out.read_text())
-    total = sum(measured["bytes_per_step_by_op"].values()) + 16  # + reduce_step_stats: 2 float64
-    expected = measured["lora_params"] * 4  # fp32 LoRA gradients
+    by_op = measured["bytes_per_step_by_op"]
+    gradients = measured["lora_params"] * 4  # fp32 LoRA gradients, G
     sdxl_params = sum(p.numel() for p in SdxlSizedLora().parameters())  # r16 on every SDXL attention projection
-    sdxl_bf16 = sdxl_params * 2  # bf16 on GPU: DeepSpeed's torch_autocast reduces in bf16
-    result = {"world_size": WORLD, **measured, "bytes_per_step": total, "lora_grad_bytes": expected,
-              "ratio_to_gradients": total / expected, "sdxl_lora_params": sdxl_params,
-              "sdxl_lora_bf16_bytes": sdxl_bf16,
-              "paper": paper_calculation(sdxl_bf16)}
-    ops = ", ".join(f"{name} {size / 1e6:.3f} MB" for name, size in measured["bytes_per_step_by_op"].items())
-    print(f"communication (tiny SD1.5, LoRA {measured['lora_params']:,} params, ZeRO-2, 2 ranks): "
-          f"{total / 1e6:.3f} MB per rank per step ({ops}); fp32 LoRA gradients are {expected / 1e6:.3f} MB "
-          f"(ratio {total / expected:.2f})")
+    sdxl_bytes = sdxl_params * 4
+    result = {"world_size": WORLD, **measured, "lora_grad_bytes": gradients,
+              "all_reduce_over_g": by_op.get("all_reduce", 0) / gradients,
+              "all_gather_over_g": WORLD * by_op.get("all_gather_into_tensor", 0) / gradients,
+              "stats_all_reduce_bytes": 16, "sdxl_lora_params": sdxl_params, "sdxl_lora_fp32_bytes": sdxl_bytes,
+              "paper": paper_calculation(sdxl_bytes)}
+    ops = ", ".join(f"{name} {size / 1e6:.3f} MB" for name, size in by_op.items())
+    print(f"communication (tiny SD1.5, LoRA {measured['lora_params']:,} params = G {gradients / 1e6:.3f} MB fp32, "
+          f"ZeRO-1, 2 ranks), messages per rank per step: {ops}, plus 16 B of step statistics; "
+          f"all-reduce {result['all_reduce_over_g']:.2f} G, all-gather {result['all_gather_over_g']:.2f} G in all")
     for row in result["paper"]:
-        print(f"  SDXL LoRA bf16 {sdxl_bf16 / 1e6:.1f} MB, {row['gpus']:>2} GPUs, {row['link']}: "
+        print(f"  SDXL LoRA G = {sdxl_bytes / 1e6:.1f} MB, {row['gpus']:>2} GPUs, {row['link']}: "
               f"{row['sent_mb']:.1f} MB sent per GPU, {row['ms']:.1f} ms = {row['share_of_step']:.1%} of a step")
     write_result("communication", result)
     return result

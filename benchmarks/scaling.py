@@ -44,7 +44,7 @@ def run(root: Path, model: Path, shards: Path, workers: int) -> dict:
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "difftrain_dist", "train", str(path), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "difftrain_dist", "train", str(path)],  # not a terminal: lines
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"training with {workers} worker(s) failed:\n{proc.stderr[-3000:]}")
