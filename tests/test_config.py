@@ -39,7 +39,7 @@ def write_recipe(tmp_path: Path, model_dir: Path, shards_dir: Path, **sections) 
 
 def test_valid_recipe_has_defaults_and_absolute_paths(tmp_path, paths):
     recipe = load_recipe(write_recipe(tmp_path, *paths))
-    assert recipe.lora.rank == 16 and recipe.distributed.zero_stage == 2
+    assert recipe.lora.rank == 16 and recipe.distributed.zero_stage == 1
     assert recipe.run.storage_path.is_absolute() and recipe.data.shards.is_absolute()
     assert recipe.run_dir == tmp_path / "runs" / "t"
 
