@@ -83,7 +83,9 @@ def ray_head():
 
 
 def test_submit_to_a_real_ray_head_trains_and_reports(tmp_path, ray_head, tiny_sd15_model, photo_shards):
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_recipe(tmp_path, tiny_sd15_model, photo_shards, "job")))
+    recipe = _recipe(tmp_path, tiny_sd15_model, photo_shards, "job", max_steps=2)
+    recipe["distributed"]["num_workers"] = 1  # what is checked here is the Jobs API, not training
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (tmp_path / ".env").write_text(f"HF_TOKEN={SECRET}\nRAY_AUTH_MODE=token\nRAY_AUTH_TOKEN={RAY_TOKEN}\n")
     without_token = run_cli("jobs", "status", "x", "--address", ray_head, cwd=tmp_path.parent)
     assert without_token.returncode == 2 and "RAY_AUTH_TOKEN" in without_token.stderr
