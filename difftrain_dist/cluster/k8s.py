@@ -55,6 +55,13 @@ class K8sOptions:
             raise ValueError(f"--storage-mount: {self.storage_mount!r} must be an absolute path")
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared sub-objects (the pods' mounts and volumes) out in full, without &anchors."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def k8s_name(run_name: str) -> str:
     """A DNS-1123 name for Kubernetes objects from a run name (`My_Run.v2` → `my-run-v2`)."""
     name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")[:50].strip("-")
@@ -135,4 +142,4 @@ def rayjob_manifest(recipe: Recipe, options: K8sOptions) -> str:
             },
         },
     }
-    return yaml.safe_dump_all([config_map, rayjob], sort_keys=False)
+    return yaml.dump_all([config_map, rayjob], Dumper=_PlainDumper, sort_keys=False)
