@@ -153,6 +153,8 @@ def test_index_json_matches_files(built):
     assert {s["repeats"] for s in doc["shards"]} == {1}
     for shard in doc["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest()
+        with tarfile.open(out / shard["name"]) as tar:  # plain ustar members: no per-member pax header
+            assert all(m.pax_headers == {} and m.mtime == 0 for m in tar.getmembers())
     assert doc == index.to_dict()
     assert ShardIndex.load(out) == index == ShardIndex.load(f"file://{out}/index.json")
     index.verify_checksums()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,6 +47,8 @@ def test_sidecars_are_listed_with_checksums(precomputed, photo_shards, tiny_sd15
     for i, (shard, sidecar) in enumerate(zip(index.shards, index.precomputed.sidecars, strict=True)):
         assert sidecar.name == shard.name.replace(".tar", ".precomputed.tar")
         assert sha256_file(index.sidecar_path(i)) == sidecar.sha256
+        with tarfile.open(index.sidecar_path(i)) as tar:
+            assert all(m.pax_headers == {} for m in tar.getmembers())
         assert sha256_file(shards / shard.name) == sha256_file(photo_shards / shard.name)  # untouched
     index.verify_checksums()
     assert [r.num_samples for r in results] == index.shard_sizes

@@ -239,8 +239,10 @@ class _ShardSink:
 
     def write(self, sample: dict[str, Any], bucket: Bucket) -> None:
         if self.writer is None:  # opened lazily: ShardWriter creates a shard file on construction
+            # An int mtime: tarfile writes a float one into an extra pax header per member (1 KiB more
+            # to store, and twice the header parsing when reading).
             self.writer = wds.ShardWriter(str(self.out / SHARD_PATTERN), maxcount=self.samples_per_shard,
-                                          verbose=0, mtime=0.0)
+                                          verbose=0, mtime=0)
         self.writer.write({"__key__": f"{self.total:09d}", **sample})
         self.total += 1
         self.counts.setdefault(Path(self.writer.fname).name, Counter())[bucket_name(bucket)] += 1

@@ -135,11 +135,11 @@ def write_sidecar(path: Path, records: Iterable[tuple[str, np.ndarray, Mapping[s
     """Write `(key, latent_parameters, {name: conditioning row})` records to the tar at `path`.
 
     The tar is written to `path` + ".tmp" and renamed, so a crash never leaves a half sidecar.
-    mtime is 0, so the same arrays give the same bytes.
+    mtime is the int 0, so the same arrays give the same bytes and no member needs a pax header.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with wds.TarWriter(str(tmp), mtime=0.0) as writer:
+    with wds.TarWriter(str(tmp), mtime=0) as writer:
         for key, latent, conditioning in records:
             sample = {"__key__": key, LATENT_MEMBER: npy_bytes(latent)}
             sample.update({f"{name}.npy": npy_bytes(value) for name, value in conditioning.items()})
