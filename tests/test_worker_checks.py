@@ -1,9 +1,11 @@
 """The worker's checks before training: shards that suit the model, when precomputed text
-embeddings may be used, and a data loader that leaves the global RNG alone."""
+embeddings may be used, a data loader that leaves the global RNG alone, and set-up objects kept out
+of the collector's way during the step loop."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,12 @@ import yaml
 from difftrain_dist.config import load_recipe
 from difftrain_dist.data_shards import ShardIndex, ShardStream
 from difftrain_dist.data_shards.precomputed import Precomputed
-from difftrain_dist.distrib.worker import check_data_fits_model, make_loader, precomputed_text_unusable
+from difftrain_dist.distrib.worker import (
+    check_data_fits_model,
+    frozen_setup_objects,
+    make_loader,
+    precomputed_text_unusable,
+)
 
 
 def _recipe(tmp_path: Path, model_path: Path, shards: Path, arch: str = "sd15", **sections):
@@ -59,3 +66,18 @@ def test_starting_the_loader_leaves_the_global_rng_alone(tmp_path, tiny_sd15_mod
     torch.manual_seed(123)
     next(iter(make_loader(stream, recipe)))  # LoRA dropout draws from the global RNG after this
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_set_up_objects_are_frozen_during_the_step_loop_only():
+    class Node:  # a reference cycle: only the cyclic collector frees it
+        def __init__(self):
+            self.me = self
+
+    set_up = Node()
+    assert gc.get_freeze_count() == 0
+    with frozen_setup_objects():
+        assert gc.get_freeze_count() > 0
+        assert gc.is_tracked(set_up) and all(set_up is not o for o in gc.get_objects())  # not walked
+        during = Node()
+        assert any(during is o for o in gc.get_objects())  # what the loop allocates is collected as usual
+    assert gc.get_freeze_count() == 0

@@ -7,6 +7,7 @@ through a WorkerSession.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ import socket
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,10 +355,19 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
     _check_precomputed(recipe, stream)
     if state.step >= recipe.train.max_steps and dist.get_rank() == 0:
         log.warning("already at step %d >= train.max_steps %d: nothing to train", state.step, recipe.train.max_steps)
+    samples_per_step = recipe.data.micro_batch_size * recipe.train.gradient_accumulation_steps * dist.get_world_size()
+    meter = Throughput(samples_per_step, state.step)
+    loader = make_loader(stream, recipe)
+    with frozen_setup_objects():
+        stop = _train_steps(trainee, recipe, session, state, stream, loader, meter)
+    return WorkerResult(state, stopped_early=stop and state.step < recipe.train.max_steps)
+
+
+def _train_steps(trainee: Trainee, recipe: Recipe, session: WorkerSession, state: TrainState,
+                 stream: ShardStream, loader: DataLoader, meter: Throughput) -> bool:
+    """The step loop of `train_worker`; advances `state`, returns whether a stop was requested."""
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps
-    meter = Throughput(recipe.data.micro_batch_size * gas * dist.get_world_size(), state.step)
-    loader = make_loader(stream, recipe)
     losses: list[float] = []
     stop = False
     for batch in _batches(loader, state.step, train.max_steps, gas):
@@ -379,7 +390,24 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
                 log.warning("samples at step %d: %s", state.step, written)
         if stop:
             break
-    return WorkerResult(state, stopped_early=stop and state.step < train.max_steps)
+    return stop
+
+
+@contextmanager
+def frozen_setup_objects():
+    """Run the block with every object alive now (model, engine, tokenizers, library state:
+    about 600,000 objects tracked by the cyclic collector for the tiny SD1.5) moved into the
+    collector's permanent generation (`gc.freeze`), so that full collections during training walk
+    only what training allocates. One full pass over the set-up objects took 0.38 s, about once
+    every 100 steps of the tiny model (benchmarks/step_overhead); on several ranks such a pause also
+    holds the others at the next collective. Objects freed by reference counting are still freed;
+    the objects are unfrozen on exit."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def make_loader(stream: ShardStream, recipe: Recipe) -> DataLoader:
