@@ -398,10 +398,10 @@ def frozen_setup_objects():
     """Run the block with every object alive now (model, engine, tokenizers, library state:
     about 600,000 objects tracked by the cyclic collector for the tiny SD1.5) moved into the
     collector's permanent generation (`gc.freeze`), so that full collections during training walk
-    only what training allocates. One full pass over the set-up objects took 0.38 s, about once
-    every 100 steps of the tiny model (benchmarks/step_overhead); on several ranks such a pause also
-    holds the others at the next collective. Objects freed by reference counting are still freed;
-    the objects are unfrozen on exit."""
+    only what training allocates. Unfrozen, one full pass over them took 0.38 s on 2 CPU cores,
+    and one fell within 60 steps of the tiny model (about 60 ms each; benchmarks/step_overhead);
+    on several ranks such a pause also holds the others at the next collective. Objects freed by
+    reference counting are still freed; everything is unfrozen on exit."""
     gc.collect()
     gc.freeze()
     try:
