@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, FluxPipeline, FluxTransforme
 
 from benchmarks.common import single_rank_group, write_result
 from difftrain_dist.config import load_recipe
-from difftrain_dist.distrib.worker import reduce_step_stats, setup_trainee, train_micro_batch
+from difftrain_dist.distrib.worker import frozen_setup_objects, reduce_step_stats, setup_trainee, train_micro_batch
 from difftrain_dist.models import get_adapter, init_tiny, inject_lora
 from difftrain_dist.models.objectives import DDPMObjective, FlowMatchingObjective, TimestepOptions
 
@@ -171,7 +171,8 @@ def run_ours(arch: str, setting: Setting, steps: int, warmup: int, zero_stage: i
     def step() -> None:
         reduce_step_stats(train_micro_batch(trainee, batch), False, trainee.device)
 
-    return _measure(step, setting, steps, warmup, BATCH[arch])  # the models go with this frame
+    with frozen_setup_objects():  # as the worker's step loop runs
+        return _measure(step, setting, steps, warmup, BATCH[arch])  # the models go with this frame
 
 
 def run_plain(arch: str, setting: Setting, steps: int, warmup: int) -> dict[str, float]:
