@@ -84,10 +84,11 @@ def our_step(root: Path, model: Path, shards: Path):
 
 def interleaved(steps: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds of each call of each step function, called in turn round after round (so that
-    machine load drifts hit them alike)."""
+    machine load drifts hit them alike), in reverse order every other round (so that neither
+    always follows the other, e.g. into a garbage collection the other's allocations started)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    for i in range(rounds):
+        for name, step in (steps.items() if i % 2 == 0 else reversed(steps.items())):
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
