@@ -32,3 +32,21 @@ def test_paired_ratios_pair_rounds():
     assert paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
     with pytest.raises(ValueError):
         paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_summary_rows_compare_each_figure_with_its_target():
+    from benchmarks.__main__ import summary_rows
+
+    results = {
+        "data_loader": {"resolution": 512, "ours_samples_per_s_per_core": 90.0,
+                        "pil_folder_samples_per_s_per_core": 100.0, "ratio": 0.9},
+        "checkpoint": {"save_fraction_at_default_interval": 0.001, "default_every_n_steps": 500, "save_s": 0.05,
+                       "step_s": 0.06, "lora_params": 23224320, "consolidate_s": 0.7, "lora_file_mib": 88.7},
+        "step_overhead": {"zero_stage": 1, "steps": 60, "ours_step_s": 0.055, "bare_step_s": 0.05, "ratio": 1.1,
+                          "paired_ratio_median": 1.09, "paired_ratio_quartiles": [1.0, 1.2]},
+    }
+    rows = summary_rows(results)
+    verdicts = {r["what"].split(",")[0]: r["verdict"] for r in rows}
+    assert verdicts == {"data loader": "missed", "checkpoint save": "met", "consolidation": "",
+                        "step time": "met"}
+    assert summary_rows({}) == []
