@@ -103,7 +103,7 @@ def _stub_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "calls.log"),
-            "DIFFTRAIN_PYTHON": str(bin_dir / "fake-python"), "RAY": "ray", "RAY_START_WAIT": "0",
+            "DIFFTRAIN_PYTHON": str(bin_dir / "fake-python"), "RAY": "ray", "RAY_START_WAIT": "0.5",
             "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "16", **extra}
 
 
@@ -134,11 +134,15 @@ def test_sbatch_script_starts_ray_runs_and_stops(tmp_path: Path, recipe_file: Pa
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert calls[0] == "scontrol show hostnames gpu-[a-c]"
     assert calls[1].startswith("srun --overlap --nodes=1 --ntasks=1 -w gpu-a hostname")
+    # The head and worker starts run in the background (the script then waits RAY_START_WAIT
+    # seconds, 0.5 here), so their lines may still land in the log in either order.
     starts = [c for c in calls if " start " in c]
-    assert starts[0].startswith("srun --overlap --nodes=1 --ntasks=1 -w gpu-a ray start --head")
-    assert "--node-ip-address=10.1.2.3 --port=6379" in starts[0] and "--num-gpus=8" in starts[0]
-    assert sorted(c.split(" -w ")[1].split()[0] for c in starts[1:]) == ["gpu-b", "gpu-c"]  # started in parallel
-    assert all("--address=10.1.2.3:6379" in c for c in starts[1:])
+    heads = [c for c in starts if "--head" in c]
+    workers = [c for c in starts if "--head" not in c]
+    assert len(heads) == 1 and heads[0].startswith("srun --overlap --nodes=1 --ntasks=1 -w gpu-a ray start --head")
+    assert "--node-ip-address=10.1.2.3 --port=6379" in heads[0] and "--num-gpus=8" in heads[0]
+    assert sorted(c.split(" -w ")[1].split()[0] for c in workers) == ["gpu-b", "gpu-c"]  # started in parallel
+    assert all("--address=10.1.2.3:6379" in c for c in workers)
     train = next(c for c in calls if c.startswith("python "))
     assert f"-m difftrain_dist train {recipe_file} --address 10.1.2.3:6379" in train
     for override in ("run.name=cluster-run", "distributed.num_workers=24", "distributed.use_gpu=true"):
