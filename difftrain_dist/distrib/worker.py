@@ -355,42 +355,34 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
     _check_precomputed(recipe, stream)
     if state.step >= recipe.train.max_steps and dist.get_rank() == 0:
         log.warning("already at step %d >= train.max_steps %d: nothing to train", state.step, recipe.train.max_steps)
-    samples_per_step = recipe.data.micro_batch_size * recipe.train.gradient_accumulation_steps * dist.get_world_size()
-    meter = Throughput(samples_per_step, state.step)
-    loader = make_loader(stream, recipe)
-    with frozen_setup_objects():
-        stop = _train_steps(trainee, recipe, session, state, stream, loader, meter)
-    return WorkerResult(state, stopped_early=stop and state.step < recipe.train.max_steps)
-
-
-def _train_steps(trainee: Trainee, recipe: Recipe, session: WorkerSession, state: TrainState,
-                 stream: ShardStream, loader: DataLoader, meter: Throughput) -> bool:
-    """The step loop of `train_worker`; advances `state`, returns whether a stop was requested."""
     train, ckpt = recipe.train, recipe.checkpoint
     gas = train.gradient_accumulation_steps
-    losses: list[float] = []
-    stop = False
-    for batch in _batches(loader, state.step, train.max_steps, gas):
-        losses.append(train_micro_batch(trainee, batch))
-        state.advance(batch["epoch"], batch["batch_in_epoch"], len(batch["captions"]), stream.batches_per_epoch)
-        if len(losses) < gas:
-            continue
-        state.step += 1
-        loss, stop = reduce_step_stats(sum(losses) / len(losses), session.stop_requested(), trainee.device)
-        losses.clear()
-        if dist.get_rank() == 0 and (state.step % train.log_every_n_steps == 0 or state.step == train.max_steps):
-            rate, eta = meter.measure(state.step, train.max_steps)
-            session.log({"step": state.step, "max_steps": train.max_steps, "loss": loss,
-                         "samples_per_s": rate, "eta_s": eta, "lr": trainee.engine.get_lr()[0]})
-        if stop or state.step % ckpt.every_n_steps == 0 or state.step == train.max_steps:
-            save_checkpoint(trainee, recipe, state, loss, session)
-        if not stop and recipe.sample.every_n_steps and state.step % recipe.sample.every_n_steps == 0:
-            written = render_training_samples(trainee, recipe, state.step)
-            if written is not None:
-                log.warning("samples at step %d: %s", state.step, written)
-        if stop:
-            break
-    return stop
+    meter = Throughput(recipe.data.micro_batch_size * gas * dist.get_world_size(), state.step)
+    loader = make_loader(stream, recipe)
+    with frozen_setup_objects():
+        losses: list[float] = []
+        stop = False
+        for batch in _batches(loader, state.step, train.max_steps, gas):
+            losses.append(train_micro_batch(trainee, batch))
+            state.advance(batch["epoch"], batch["batch_in_epoch"], len(batch["captions"]), stream.batches_per_epoch)
+            if len(losses) < gas:
+                continue
+            state.step += 1
+            loss, stop = reduce_step_stats(sum(losses) / len(losses), session.stop_requested(), trainee.device)
+            losses.clear()
+            if dist.get_rank() == 0 and (state.step % train.log_every_n_steps == 0 or state.step == train.max_steps):
+                rate, eta = meter.measure(state.step, train.max_steps)
+                session.log({"step": state.step, "max_steps": train.max_steps, "loss": loss,
+                             "samples_per_s": rate, "eta_s": eta, "lr": trainee.engine.get_lr()[0]})
+            if stop or state.step % ckpt.every_n_steps == 0 or state.step == train.max_steps:
+                save_checkpoint(trainee, recipe, state, loss, session)
+            if not stop and recipe.sample.every_n_steps and state.step % recipe.sample.every_n_steps == 0:
+                written = render_training_samples(trainee, recipe, state.step)
+                if written is not None:
+                    log.warning("samples at step %d: %s", state.step, written)
+            if stop:
+                break
+    return WorkerResult(state, stopped_early=stop and state.step < train.max_steps)
 
 
 @contextmanager
