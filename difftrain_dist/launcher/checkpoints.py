@@ -12,7 +12,7 @@ from difftrain_dist.launcher.common import console
 
 
 def checkpoints(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder: <storage_path>/<run name>.")],
+    run_dir: Annotated[Path, typer.Argument(help="The run folder: `<storage_path>/<run name>`.")],
 ) -> None:
     """List checkpoints: step, valid or why not, size, loss."""
     from difftrain_dist.distrib.checkpoint import list_checkpoints

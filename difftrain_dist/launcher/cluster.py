@@ -41,7 +41,7 @@ def submit(
     follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends; exit with its status.")] = False,
     set_: SetOption = None,
     env_file: EnvFileOption = None,
-    job_id: Annotated[str | None, typer.Option(help="Submission id (default: <run name>-<unix time>).")] = None,
+    job_id: Annotated[str | None, typer.Option(help="Submission id (default: `<run name>-<unix time>`).")] = None,
     python: Annotated[str, typer.Option(help="Python interpreter on the cluster's head node.")] = "python",
     check_paths: PathCheckOption = True,
 ) -> None:

@@ -11,7 +11,7 @@ from difftrain_dist.launcher.common import console, user_errors
 
 
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint_<step> folder of a run.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A `checkpoint_<step>` folder of a run.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
     format: Annotated[
         str, typer.Option("--format", help="diffusers (default) or kohya (ComfyUI, A1111).")

@@ -40,7 +40,7 @@ def train(
 
 
 def resume(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder: <storage_path>/<run name>.")],
+    run_dir: Annotated[Path, typer.Argument(help="The run folder: `<storage_path>/<run name>`.")],
     set_: SetOption = None,
     address: AddressOption = None,
     progress: ProgressOption = True,
