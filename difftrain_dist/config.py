@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,28 @@ def _checks_paths(info: ValidationInfo) -> bool:
     return (info.context or {}).get("check_paths", True)
 
 
+def _folder_problem(path: Path) -> str | None:
+    """Why the folder `path` cannot be created or written, or None when it can. Creates nothing:
+    an existing `path` must be a writable folder; otherwise its nearest existing ancestor must be
+    a writable folder (`os.access` W_OK | X_OK, which also sees read-only mounts) and no ancestor
+    a file or a broken link. What access(2) cannot see (e.g. creating folders inside /proc) still
+    fails later, when the folder is made."""
+    path = Path(os.path.abspath(path.expanduser()))
+    target = path
+    while not os.path.exists(target):  # False for a path under a file, or one stat() may not see
+        if os.path.islink(target):
+            return f"{target} is a broken symbolic link"
+        if target.parent == target:
+            return f"{target} does not exist"
+        target = target.parent
+    if not os.path.isdir(target):
+        return f"{target} is a file, not a folder" + ("" if target == path else f", so {path} cannot be created")
+    if not os.access(target, os.W_OK | os.X_OK):
+        return (f"{target} is not writable" if target == path
+                else f"cannot create {path}: {target} is not writable")
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
@@ -40,9 +63,18 @@ class RunSection(_Section):
     seed: int = Field(0, ge=0, lt=2**63)
     """Seed for LoRA initialisation, data order and noise sampling."""
     output_dir: Path = Path("outputs")
-    """Folder that receives `<name>.safetensors` at the end of the run."""
+    """Folder that receives `<name>.safetensors` at the end of the run (created if missing; it,
+    or its nearest existing parent, must be a writable folder when the recipe loads)."""
     storage_path: Path = Path("runs")
-    """Folder holding `<name>/checkpoint_<step>/`; shared storage on multi-node clusters."""
+    """Folder holding `<name>/checkpoint_<step>/`; shared storage on multi-node clusters (checked
+    writable when the recipe loads, like output_dir)."""
+
+    @field_validator("output_dir", "storage_path")
+    @classmethod
+    def _writable_folder(cls, value: Path, info: ValidationInfo) -> Path:
+        if _checks_paths(info) and (problem := _folder_problem(value)):
+            raise ValueError(problem)
+        return value
 
 
 ARCHS = ("sd15", "sdxl", "sd3", "flux")
@@ -351,8 +383,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {where}: required field is missing")
         else:
             found = e.get("input")
-            shown = "" if isinstance(found, dict) else f" (found {found!r})"
             message = e["msg"].removeprefix("Value error, ")
+            quoted = isinstance(found, (str, Path)) and str(found) and str(found) in message
+            shown = "" if isinstance(found, dict) or quoted else f" (found {found!r})"
             lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from difftrain_dist.config import Recipe, RecipeError, load_recipe
+from difftrain_dist.launcher.app import app
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -176,3 +180,61 @@ def test_text_encoder_lora_needs_zero_below_3(tmp_path, paths):
     with pytest.raises(RecipeError, match="train_text_encoder needs distributed.zero_stage 0-2"):
         load_recipe(path, ["lora.train_text_encoder=true", "distributed.zero_stage=3"])
     assert load_recipe(path, ["lora.train_text_encoder=true", "distributed.zero_stage=2"]).lora.train_text_encoder
+
+
+# --------------------------------------------------------------------------- run folders: checked at load
+
+@pytest.mark.parametrize("field", ["run.storage_path", "run.output_dir"])
+def test_folder_under_a_file_cannot_be_created(tmp_path, paths, field):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    impossible = tmp_path / "afile" / "runs"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(tmp_path, *paths), [f"{field}={impossible}"])
+    lines = str(err.value).splitlines()
+    assert lines[1:] == [f"  {field}: {tmp_path / 'afile'} is a file, not a folder, so {impossible} "
+                         "cannot be created"], lines
+    assert (tmp_path / "afile").read_text() == "a file, not a folder"
+    with pytest.raises(RecipeError, match=re.escape(field) + r": .*afile is a file, not a folder$"):
+        load_recipe(write_recipe(tmp_path, *paths), [f"{field}={tmp_path / 'afile'}"])
+
+
+def test_unwritable_folder_is_refused(tmp_path, paths):
+    # /proc/self is a folder that even root cannot create anything in (access(2) says so too).
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc/self on this system")
+    with pytest.raises(OSError):
+        (Path("/proc/self") / "runs").mkdir()
+    with pytest.raises(RecipeError, match=r"run\.storage_path: cannot create /proc/self/runs/x: "
+                                          r"/proc/self is not writable$"):
+        load_recipe(write_recipe(tmp_path, *paths), ["run.storage_path=/proc/self/runs/x"])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write read-only folders")
+def test_read_only_folder_is_refused(tmp_path, paths):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(RecipeError, match=r"run\.output_dir: cannot create .*locked is not writable"):
+        load_recipe(write_recipe(tmp_path, *paths), [f"run.output_dir={locked / 'out'}"])
+
+
+def test_folders_are_checked_without_being_created(tmp_path, paths):
+    recipe = load_recipe(write_recipe(tmp_path, *paths), [f"run.output_dir={tmp_path / 'new' / 'deeper'}"])
+    assert recipe.run.output_dir == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists() and not (tmp_path / "runs").exists()
+
+
+def test_cluster_paths_are_not_checked_here(tmp_path, paths):
+    (tmp_path / "afile").write_text("")
+    path = write_recipe(tmp_path, *paths)
+    recipe = load_recipe(path, [f"run.storage_path={tmp_path / 'afile' / 'runs'}"], check_paths=False)
+    assert recipe.run.storage_path == tmp_path / "afile" / "runs"
+
+
+def test_cli_train_refuses_an_impossible_storage_path_before_starting(tmp_path, paths):
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path, *paths)), "--no-progress",
+                                      "--set", f"run.storage_path={tmp_path / 'afile' / 'runs'}"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "run.storage_path: " in text and "afile is a file, not a folder" in text
+    assert "Traceback" not in result.output and "worker(s), ZeRO" not in text  # run() never began
