@@ -1,4 +1,4 @@
-"""Shared checks: run a UNet on fixed inputs, and merge a diffusers LoRA file into a UNet by hand."""
+"""Shared checks: run a UNet on fixed inputs, and merge a LoRA file (either layout) into a UNet by hand."""
 
 from __future__ import annotations
 
@@ -53,21 +53,46 @@ def lora_scale(header: dict[str, str], prefix: str = "unet") -> float:
     return config[f"{prefix}.lora_alpha"] / config[f"{prefix}.r"]
 
 
+def lora_pairs(lora_file: Path, module: torch.nn.Module, *, component: str = "unet",
+               kohya_prefix: str = "lora_unet") -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """Read a LoRA file of either layout as a loader does, without our writer's code:
+    `{module path in module: (scale, up [out, r], down [r, in])}`.
+
+    peft keys (`<component>.<path>.lora_A.weight` / `.lora_B.weight`): scale alpha / r from the
+    `lora_adapter_metadata` header. kohya keys (`<kohya_prefix>_<path with _>.lora_down.weight` /
+    `.lora_up.weight` / `.alpha`): the path is found among `module`'s submodule names with dots
+    read as underscores (the way ComfyUI and A1111 match them), scale `.alpha` / r (1 without it).
+    Keys of other components are ignored.
+    """
+    tensors, header = read_lora_file(lora_file)
+    pairs: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
+    if any(key.endswith(".lora_A.weight") for key in tensors):
+        scale = lora_scale(header, component)
+        for key, down in tensors.items():
+            if key.startswith(f"{component}.") and key.endswith(".lora_A.weight"):
+                path = key.removeprefix(f"{component}.").removesuffix(".lora_A.weight")
+                pairs[path] = (scale, tensors[key.replace(".lora_A.", ".lora_B.")], down)
+        return pairs
+    by_underscores = {name.replace(".", "_"): name for name, _ in module.named_modules() if name}
+    for key, down in tensors.items():
+        if key.startswith(f"{kohya_prefix}_") and key.endswith(".lora_down.weight"):
+            stem = key.removesuffix(".lora_down.weight")
+            up = tensors[f"{stem}.lora_up.weight"]
+            alpha = tensors.get(f"{stem}.alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            pairs[by_underscores[stem.removeprefix(f"{kohya_prefix}_")]] = (scale, up, down)
+    return pairs
+
+
 @torch.no_grad()
 def hand_merged_unet(model: Path, lora_file: Path) -> tuple[UNet2DConditionModel, int]:
-    """A fresh UNet with W' = W + (alpha / r) · B @ A applied for every LoRA pair in the file.
+    """A fresh UNet with W' = W + scale · up @ down applied for every LoRA pair in the file
+    (either layout, see `lora_pairs`).
 
     Returns the UNet and the number of Linear layers merged.
     """
-    tensors, header = read_lora_file(lora_file)
-    scale = lora_scale(header)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    merged = 0
-    for key, lora_a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module_path = key.removeprefix("unet.").removesuffix(".lora_A.weight")
-        lora_b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        unet.get_submodule(module_path).weight += scale * (lora_b @ lora_a)
-        merged += 1
-    return unet, merged
+    pairs = lora_pairs(lora_file, unet)
+    for path, (scale, up, down) in pairs.items():
+        unet.get_submodule(path).weight += scale * (up @ down)
+    return unet, len(pairs)

@@ -278,12 +278,19 @@ def _pipeline_with_lora(model: Path, lora_file: Path) -> StableDiffusionPipeline
 def test_diffusers_lora_file_equals_hand_merged_weights(tiny_sd15: Path, lora_files: dict) -> None:
     path = lora_files["diffusers"]
     tensors, header = read_lora_file(path)
-    assert set(tensors) == set(lora_files["state"])
+    state = lora_files["state"]
+    assert set(tensors) == set(state)
     assert header["format"] == "pt"
-    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8.0"
+    # alpha / r is folded into lora_B and the header says alpha = r: loaders that read alpha from
+    # the header and loaders that never do (scale 1) apply the same trained strength.
+    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "4.0"
+    assert header["difftrain.trained_lora_alpha"] == "8.0"
+    assert lora_scale(header) == 1.0
+    for key, value in tensors.items():
+        expected = state[key] * (ALPHA / RANK) if ".lora_B." in key else state[key]
+        torch.testing.assert_close(value, expected, atol=0, rtol=1e-7)
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert header["modelspec.date"] == FIXED_DATE
-    assert lora_scale(header) == ALPHA / RANK  # read from the file; cross-checked against the constants
 
     base_out, lora_out = outputs_without_and_with_lora(tiny_sd15, path)
     assert (lora_out - base_out).abs().max() > 1e-3

@@ -93,21 +93,26 @@ def test_trained_lora_loads_in_diffusers_and_equals_hand_merge(trained_run, tiny
     torch.testing.assert_close(with_lora, unet_output(merged), atol=MERGE_ATOL, rtol=0)
 
 
-def test_export_kohya_and_sample_cli(trained_run, tiny_sd15_model):
+def test_export_diffusers_layout_and_sample_cli(trained_run, tiny_sd15_model):
+    """The default SD1.5 file is kohya-layout (ComfyUI and A1111 map only that); `export --format
+    diffusers` writes the peft layout, and `sample` renders the same image with either."""
     work, _ = trained_run
+    default, _ = read_lora_file(work / "out" / "tiny.safetensors")
+    assert default and all(k.startswith("lora_unet_") for k in default)
+    assert any(k.endswith(".alpha") for k in default)
     ckpt = work / "runs" / "tiny" / "checkpoint_000000004"
-    proc = run_cli("export", str(ckpt), "-o", "tiny_kohya.safetensors", "--format", "kohya", cwd=work)
+    proc = run_cli("export", str(ckpt), "-o", "tiny_peft.safetensors", "--format", "diffusers", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tensors, _ = read_lora_file(work / "tiny_kohya.safetensors")
-    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in tensors)
-    for lora in ("out/tiny.safetensors", "tiny_kohya.safetensors"):
+    tensors, _ = read_lora_file(work / "tiny_peft.safetensors")
+    assert tensors and all(k.startswith("unet.") and ".lora_" in k for k in tensors)
+    for lora in ("out/tiny.safetensors", "tiny_peft.safetensors"):
         proc = run_cli("sample", str(tiny_sd15_model), "a photo of a cat", "--lora", lora,
                        "--steps", "2", "--resolution", "64", "--out", f"{lora}.png", cwd=work)
         assert proc.returncode == 0, proc.stderr[-3000:]
     from PIL import Image
 
     a = Image.open(work / "out/tiny.safetensors.png")
-    b = Image.open(work / "tiny_kohya.safetensors.png")
+    b = Image.open(work / "tiny_peft.safetensors.png")
     assert a.size == (64, 64) and list(a.getdata()) == list(b.getdata())
 
 

@@ -1,4 +1,4 @@
-"""Consolidation: DeepSpeed checkpoint shards → one safetensors LoRA file diffusers and ComfyUI load."""
+"""Consolidation: DeepSpeed checkpoint shards → one safetensors LoRA file diffusers, ComfyUI and A1111 load."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step
 
 
 def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write: bool) -> None:
-    """Write `lora.safetensors` (diffusers format) from the in-memory adapter weights.
+    """Write `lora.safetensors` from the in-memory adapter weights, in the architecture's
+    `lora_file_format` (the layout every client of that architecture loads).
 
     Every rank must call it: under ZeRO-3 the LoRA parameters are gathered collectively first.
     Only the rank with `write=True` writes the file.
@@ -46,11 +47,13 @@ def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write:
         if not write:
             return
         configs = trainee.lora_config_dicts()
+        adapter = trainee.adapter
         save_lora_file(
             local_dir / LORA_FILE,
             module.lora_state_dict(),
             lora_configs=configs,
-            fmt="diffusers",
+            fmt=adapter.lora_file_format,
+            kohya_prefixes=adapter.kohya_prefixes,
             metadata=lora_file_metadata(recipe.model_dump(mode="json"), configs[trainee.adapter.lora_prefix], step),
         )
 
@@ -83,18 +86,19 @@ def _consolidated_lora_weights(ckpt_dir: Path, step: int, zero_stage: int) -> di
     return strip_adapter_name(lora)
 
 
-def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str = "diffusers") -> Path:
+def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) -> Path:
     """Consolidate a valid checkpoint's DeepSpeed shards into a LoRA file.
 
     Args:
         ckpt_dir: a `checkpoint_{step:09d}` folder.
         out_path: the `.safetensors` file to write (parent folders are created).
-        fmt: "diffusers" (peft keys under the pipeline prefix) or "kohya" (`lora_unet_*`).
+        fmt: "diffusers" (peft keys under the pipeline prefix, scale folded into lora_B) or
+            "kohya" (`lora_unet_*` with `.alpha`); None: the architecture's `lora_file_format`.
 
     Raises:
         ValueError: unknown format, or the checkpoint is invalid (the reason is given).
     """
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     out_path = Path(out_path)
     if out_path.is_dir():
@@ -107,6 +111,7 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str = "diffusers") ->
     manifest = info.manifests[0]
     recipe = manifest["recipe"]
     adapter = get_adapter(recipe["model"]["arch"])
+    fmt = fmt or adapter.lora_file_format
     if fmt == "kohya" and not adapter.kohya_prefixes:
         raise ValueError(f"--format kohya: not available for {adapter.arch}: diffusers has no loader for "
                          f"kohya-style {adapter.arch} files; use --format diffusers (ComfyUI loads it as well)")

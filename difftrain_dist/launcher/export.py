@@ -14,8 +14,10 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A `checkpoint_<step>` folder of a run.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
     format: Annotated[
-        str, typer.Option("--format", help="diffusers (default) or kohya (ComfyUI, A1111).")
-    ] = "diffusers",
+        str | None,
+        typer.Option("--format", help="kohya or diffusers; default: the one training writes for the "
+                     "architecture (kohya for sd15/sdxl, diffusers for sd3/flux), which every client loads."),
+    ] = None,
 ) -> None:
     """Consolidate a checkpoint's DeepSpeed shards into one safetensors LoRA file."""
     from difftrain_dist.distrib.export import export_checkpoint

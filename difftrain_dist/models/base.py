@@ -51,6 +51,10 @@ class DiffusionAdapter(abc.ABC):
     """Text-encoder components that can take a LoRA (`lora.train_text_encoder`)."""
     kohya_prefixes: ClassVar[dict[str, str]] = {}
     """Component name → key prefix in kohya-format files; empty: no kohya format."""
+    lora_file_format: ClassVar[str]
+    """The layout of the LoRA files training writes ("kohya" or "diffusers"): one that every
+    client loading this architecture (diffusers, ComfyUI, A1111/Forge) maps in full at the
+    trained strength (README, "LoRA files")."""
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     """The diffusers pipeline class that loads this architecture and its LoRA files."""
     component_loaders: ClassVar[dict[str, Any]]

@@ -30,6 +30,8 @@ class FluxAdapter(DiffusionAdapter):
     # "lora_transformer_<diffusers path>" (OneTrainer's layout): ComfyUI maps it for FLUX, and
     # diffusers' FluxLoraLoaderMixin converts it (_convert_kohya_flux_lora_to_diffusers).
     kohya_prefixes = {"transformer": "lora_transformer"}
+    # A1111's FLUX loader maps LoRA keys only in the peft layout; ComfyUI and Forge map both.
+    lora_file_format = "diffusers"
     pixel_multiple = 16  # 2x2 latent patches
     pipeline_class = FluxPipeline
     component_loaders = {

@@ -55,10 +55,15 @@ def save_lora_file(
         lora_configs: component ("unet", "transformer", "text_encoder", …) →
             `lora_config_dict(config)`, one per component present in `state_dict`; each
             needs at least "r" and "lora_alpha".
-        fmt: "diffusers" — keys as given, header `lora_adapter_metadata` holding
-            `{f"{component}.{field}": value}` as JSON (indent 2, sorted keys), the packing of
-            diffusers' `LoraBaseMixin._save_lora_weights`, so that
-            `pipeline.load_lora_weights(path)` rebuilds each LoraConfig, alpha included.
+        fmt: "diffusers" — keys as given, with the LoRA scale folded into the up weights:
+            `lora_B` is written as (lora_alpha / r) · lora_B (lora_alpha / √r for rsLoRA) and
+            the header's `lora_adapter_metadata` (`{f"{component}.{field}": value}` as JSON,
+            indent 2, sorted keys, the packing of diffusers' `LoraBaseMixin._save_lora_weights`)
+            says lora_alpha = r, use_rslora false. The file then loads at the trained strength
+            in loaders that read alpha from the header (diffusers' `load_lora_weights`) and in
+            those that never do and apply scale 1 (ComfyUI's `comfy/lora.py`, A1111's
+            `network_lora.py`). `ss_network_alpha` says r, the value the file holds; the trained
+            alpha is kept as `difftrain.trained_lora_alpha`.
             "kohya" — keys `<kohya prefix>_<path_with_underscores>.lora_down.weight`
             (= lora_A), `.lora_up.weight` (= lora_B), `.alpha` (float32 scalar = lora_alpha),
             from diffusers' `convert_state_dict_to_kohya` with its alpha (which it sets to the
@@ -85,13 +90,15 @@ def save_lora_file(
     first = next(iter(lora_configs.values()))
     state_dict = canonical_text_encoder_keys(state_dict)
     if fmt == "diffusers":
-        tensors = dict(state_dict)
+        tensors, folded = _fold_lora_scale(state_dict, lora_configs)
         packed = {
             f"{component}.{key}": value
-            for component, config in lora_configs.items()
+            for component, config in folded.items()
             for key, value in config.items()
         }
         header[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+        header["difftrain.trained_lora_alpha"] = header.get("ss_network_alpha", str(float(first["lora_alpha"])))
+        header["ss_network_alpha"] = str(float(folded[next(iter(folded))]["lora_alpha"]))
     else:
         tensors = _to_kohya(state_dict, lora_configs=lora_configs, kohya_prefixes=kohya_prefixes or {})
         header.setdefault("ss_network_dim", str(first["r"]))
@@ -151,6 +158,34 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return header
 
 
+def lora_scale(config: Mapping[str, Any]) -> float:
+    """The factor peft applies to B @ A: lora_alpha / r, or lora_alpha / √r with use_rslora
+    (peft `LoraLayer.update_layer`). Raises ValueError for per-module rank or alpha patterns,
+    which one factor cannot express."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("lora_config: rank_pattern/alpha_pattern are not supported by the LoRA file writers")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _fold_lora_scale(
+    state_dict: Mapping[str, torch.Tensor], lora_configs: Mapping[str, Mapping[str, Any]]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """`lora_B` times its component's `lora_scale`, and configs saying lora_alpha = r (scale 1)."""
+    scales = {component: lora_scale(config) for component, config in lora_configs.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        scale = scales[key.partition(".")[0]]
+        if key.endswith(".lora_B.weight") and scale != 1.0:
+            value = (value.double() * scale).to(value.dtype)
+        tensors[key] = value
+    folded = {
+        component: {**config, "lora_alpha": int(config["r"]), "use_rslora": False}
+        for component, config in lora_configs.items()
+    }
+    return tensors, folded
+
+
 def _to_kohya(
     state_dict: Mapping[str, torch.Tensor],
     *,
@@ -166,14 +201,10 @@ def _to_kohya(
                 "use the diffusers format"
             )
         config = lora_configs[component]
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise ValueError("lora_config: kohya format has one rank/alpha; rank_pattern unsupported")
         if config.get("use_dora"):
             raise ValueError("lora_config: use_dora is not supported by the kohya writer")
-        rank = int(config["r"])
-        alpha = float(config["lora_alpha"])
-        if config.get("use_rslora"):
-            alpha = alpha * math.sqrt(rank)  # kohya scales by alpha / r; rsLoRA by alpha / sqrt(r)
+        # kohya's loaders scale by .alpha / r: store the alpha that gives peft's scale.
+        alpha = lora_scale(config) * int(config["r"])
         # convert_state_dict_to_kohya knows the "unet." prefix: convert under it, then rename.
         converted = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in weights.items()})
         for key, value in converted.items():

@@ -27,6 +27,7 @@ class SD15Adapter(DiffusionAdapter):
     text_encoder_names = ("text_encoder",)
     # kohya sd-scripts networks/lora.py: SD1.x text encoder keys are "lora_te_…".
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    lora_file_format = "kohya"  # ComfyUI and A1111 map SD1.x UNet LoRA keys only in the kohya layout
     pipeline_class = StableDiffusionPipeline
     component_loaders = {
         "tokenizer": CLIPTokenizer,

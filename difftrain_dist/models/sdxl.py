@@ -27,6 +27,7 @@ class SDXLAdapter(DiffusionAdapter):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     # kohya sd-scripts sdxl_train_network.py: "lora_te1_…" (ViT-L), "lora_te2_…" (bigG).
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    lora_file_format = "kohya"  # ComfyUI and A1111 map SDXL UNet LoRA keys only in the kohya layout
     pipeline_class = StableDiffusionXLPipeline
     component_loaders = {
         "tokenizer": CLIPTokenizer,
