@@ -11,6 +11,7 @@ import torch
 
 from difftrain_dist.distrib.checkpoint import LORA_FILE, deepspeed_tag, inspect_checkpoint
 from difftrain_dist.models import (
+    MODELSPEC_PREDICTION_TYPES,
     get_adapter,
     save_lora_file,
     strip_adapter_name,
@@ -22,8 +23,11 @@ FORMATS = ("diffusers", "kohya")
 
 def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step: int) -> dict[str, str]:
     """Training metadata (`ss_*`, `modelspec.*`) for the header of a LoRA file (`lora_config`:
-    the denoiser's)."""
+    the denoiser's). A recipe's `model.prediction_type` is recorded as ModelSpec's
+    `modelspec.prediction_type` ("epsilon" or "v")."""
+    prediction_type = recipe["model"].get("prediction_type")
     return training_metadata(
+        prediction_type=MODELSPEC_PREDICTION_TYPES[prediction_type] if prediction_type else None,
         arch=recipe["model"]["arch"],
         base_model=recipe["model"]["path"],
         rank=lora_config["r"],

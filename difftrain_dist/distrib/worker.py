@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import random
 import socket
@@ -183,6 +184,21 @@ def reduce_step_stats(loss: float, stop: bool, device: torch.device | None = Non
     return float(stats[0]) / dist.get_world_size(), bool(stats[1] > 0)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step was NaN or infinite on some rank: training stops before saving it."""
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    """Raise NonFiniteLossError when `loss` (the mean over ranks, so every rank agrees) is NaN or
+    ±inf at optimizer step `step`; nothing of that step has been saved then."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"step {step}: the loss is {loss} (not finite); stopped before saving this step, so the newest "
+            "checkpoint holds the last finite weights. Lower train.lr, set train.max_grad_norm, or train in "
+            "bfloat16 instead of float16, then run again to resume from that checkpoint"
+        )
+
+
 def save_checkpoint(trainee: Trainee, recipe: Recipe, state: TrainState, loss: float, session) -> None:
     """All ranks: DeepSpeed save into a local folder, manifest, then hand it to the session."""
     global_rank = dist.get_rank()
@@ -276,8 +292,14 @@ class Throughput:
 
 
 def _load(trainee: Trainee, recipe: Recipe, plan: ResumePlan, stream_batches: int) -> TrainState:
-    """Load the planned checkpoint into the engine and return the rank's state (fresh if none)."""
+    """Load the planned checkpoint into the engine and return the rank's state (fresh if none).
+
+    Rank 0 says where it starts in a log record with `extra={"resume": {"checkpoint", "step"}}`
+    (the driver of a Ray job counts these to tell a restarted worker group)."""
     if plan.checkpoint is None:
+        if dist.get_rank() == 0:
+            log.info("starting at step 0: no checkpoint to resume from",
+                     extra={"resume": {"checkpoint": None, "step": 0}})
         return TrainState()
     global_rank, world_size = dist.get_rank(), dist.get_world_size()
     trainee.engine.load_checkpoint(
@@ -286,7 +308,8 @@ def _load(trainee: Trainee, recipe: Recipe, plan: ResumePlan, stream_batches: in
     apply_recipe_lr(trainee.engine.lr_scheduler, recipe.train.lr)
     restore_rank_rng(plan, global_rank, trainee.noise_generator)
     if global_rank == 0:
-        log.warning("resumed from %s (step %d)", plan.checkpoint.path.name, plan.checkpoint.step)
+        name, step = plan.checkpoint.path.name, plan.checkpoint.step
+        log.warning("resumed from %s (step %d)", name, step, extra={"resume": {"checkpoint": name, "step": step}})
     return resumed_state(plan, global_rank, world_size, stream_batches)
 
 
@@ -370,6 +393,7 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
             state.step += 1
             loss, stop = reduce_step_stats(sum(losses) / len(losses), session.stop_requested(), trainee.device)
             losses.clear()
+            check_finite_loss(loss, state.step)
             if dist.get_rank() == 0 and (state.step % train.log_every_n_steps == 0 or state.step == train.max_steps):
                 rate, eta = meter.measure(state.step, train.max_steps)
                 session.log({"step": state.step, "max_steps": train.max_steps, "loss": loss,

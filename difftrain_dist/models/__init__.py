@@ -10,12 +10,18 @@ from difftrain_dist.models.lora import (
     lora_state_dict,
     strip_adapter_name,
 )
-from difftrain_dist.models.lora_formats import read_lora_file, save_lora_file, training_metadata
+from difftrain_dist.models.lora_formats import (
+    MODELSPEC_PREDICTION_TYPES,
+    read_lora_file,
+    save_lora_file,
+    training_metadata,
+)
 from difftrain_dist.models.registry import ADAPTERS, get_adapter
 from difftrain_dist.models.tiny import init_tiny
 
 __all__ = [
     "ADAPTERS",
+    "MODELSPEC_PREDICTION_TYPES",
     "DiffusionAdapter",
     "get_adapter",
     "init_tiny",

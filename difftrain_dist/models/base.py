@@ -86,6 +86,8 @@ class DiffusionAdapter(abc.ABC):
         self.components = dict(components)
         self.denoiser = self.components[self.lora_prefix]
         self.vae = self.components["vae"]
+        self.encoding_vae = self.vae
+        """The VAE that encodes training images: `vae`, or a float32 copy (see `from_pretrained`)."""
         self.objective = objective
         self.device = torch.device(device)
         self._pipeline: DiffusionPipeline | None = None
@@ -108,6 +110,9 @@ class DiffusionAdapter(abc.ABC):
         `path` is a local diffusers folder or a hub id; each component goes through its class's
         `from_pretrained(path, subfolder=name)`. Models are moved to `device` in `dtype`, set to
         eval mode and frozen (requires_grad False); LoRA is added later with `inject_lora`.
+        In float16, a VAE whose config sets `force_upcast` (SDXL's) is loaded a second time in
+        float32 as `encoding_vae`, which encodes the training images (`vae` stays float16 for the
+        pipeline, which upcasts it to decode).
         `optional_components` are skipped when `load_optional` is False or their folder is
         missing. `prediction_type` overrides the scheduler's (DDPM architectures only);
         `timesteps` sets timestep sampling and shift (default: uniform, the model's shift).
@@ -135,6 +140,11 @@ class DiffusionAdapter(abc.ABC):
             freeze(components[name], dtype=dtype, device=device)
         adapter = cls(path=path, components=components, objective=objective, device=device)
         adapter.guidance_scale = float(guidance_scale)
+        if dtype == torch.float16 and components["vae"].config.get("force_upcast", False):
+            # A VAE that declares force_upcast (SDXL's) gives NaN latents in float16; diffusers'
+            # pipelines upcast it to float32 for decoding, and the images are encoded in float32 too.
+            adapter.encoding_vae = freeze(load_component(AutoencoderKL, path, "vae", dtype=torch.float32),
+                                          dtype=torch.float32, device=device)
         return adapter
 
     @classmethod
@@ -168,13 +178,18 @@ class DiffusionAdapter(abc.ABC):
 
         Built once with `pipeline_class.from_pretrained(path, **components)`, which loads only
         what is not passed: the inference scheduler (the model's own, e.g. PNDM or
-        FlowMatchEuler). Encoding prompts and rendering samples both go through it.
+        FlowMatchEuler; with the trained `prediction_type` where that differs from the model's).
+        Encoding prompts and rendering samples both go through it.
         """
         if self._pipeline is None:
-            self._pipeline = self.pipeline_class.from_pretrained(
-                self.path, **self.components, **self.pipeline_extra_kwargs()
-            )
-            self._pipeline.set_progress_bar_config(disable=True)
+            pipe = self.pipeline_class.from_pretrained(self.path, **self.components, **self.pipeline_extra_kwargs())
+            trained = getattr(self.objective, "prediction_type", None)
+            if trained is not None and pipe.scheduler.config.get("prediction_type") != trained:
+                # Trained with another parameterisation than the model's (model.prediction_type):
+                # sample with the same scheduler class, reading the prediction as trained.
+                pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=trained)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipeline = pipe
         return self._pipeline
 
     def pipeline_extra_kwargs(self) -> dict[str, Any]:
@@ -240,8 +255,9 @@ class DiffusionAdapter(abc.ABC):
                 f"pixel_values: H and W must be multiples of {factor}, "
                 f"got {tuple(pixel_values.shape[2:])}"
             )
-        pixels = pixel_values.to(device=self.device, dtype=self.vae.dtype)
-        return self.vae.encode(pixels).latent_dist.parameters.float()
+        vae = self.encoding_vae
+        pixels = pixel_values.to(device=self.device, dtype=vae.dtype)
+        return vae.encode(pixels).latent_dist.parameters.float()
 
     @torch.no_grad()
     def latents_from_parameters(
@@ -250,7 +266,7 @@ class DiffusionAdapter(abc.ABC):
         """Scaled latents from stored posterior parameters: a sample drawn with `generator`
         (diffusers' `DiagonalGaussianDistribution.sample`), or the mean when it is None.
         Same result as `encode_images` on the pixels the parameters came from."""
-        posterior = DiagonalGaussianDistribution(parameters.to(self.device, self.vae.dtype))
+        posterior = DiagonalGaussianDistribution(parameters.to(self.device, self.encoding_vae.dtype))
         latents = posterior.mean if generator is None else posterior.sample(generator=generator)
         shift = self.vae.config.get("shift_factor") or 0.0
         return ((latents.float() - shift) * self.vae.config.scaling_factor).float()

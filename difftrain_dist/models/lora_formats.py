@@ -29,6 +29,8 @@ _ARCH_METADATA = {
     "sd3": ("sd3", "stable-diffusion-3"),
     "flux": ("flux1", "flux-1-dev"),
 }
+MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+"""diffusers' prediction_type → ModelSpec's `modelspec.prediction_type` value."""
 _RESERVED_HEADER_KEYS = ("format", LORA_ADAPTER_METADATA_KEY)
 # Children of CLIP's text transformer. transformers 5 flattens CLIPTextModel (no `text_model.`
 # level) but not CLIPTextModelWithProjection; files always carry `text_model.`, the layout that
@@ -319,4 +321,18 @@ def training_metadata(
     }
     if prediction_type is not None:
         result["modelspec.prediction_type"] = prediction_type
+        result["ss_v_parameterization"] = str(prediction_type == "v")  # kohya's name for the same
     return result
+
+
+def lora_prediction_type(path: Path) -> str | None:
+    """The diffusers prediction_type ("epsilon", "v_prediction") a LoRA file's header records
+    (`modelspec.prediction_type`), None when it records none. Raises ValueError for a file that
+    is not safetensors."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            declared = (handle.metadata() or {}).get("modelspec.prediction_type")
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from None
+    by_modelspec = {value: key for key, value in MODELSPEC_PREDICTION_TYPES.items()}
+    return by_modelspec.get(declared)

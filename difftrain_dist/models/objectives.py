@@ -95,6 +95,11 @@ class DDPMObjective:
         self.scheduler = scheduler
         self.options = options
 
+    @property
+    def prediction_type(self) -> str:
+        """"epsilon" or "v_prediction": what the denoiser is trained to predict."""
+        return self.scheduler.config.prediction_type
+
     def noise(
         self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator, *, image_seq_len: int = 0
     ) -> NoisedBatch:

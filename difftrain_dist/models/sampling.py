@@ -51,12 +51,19 @@ def render_samples(
     device: str = "cpu",
 ) -> list[Image.Image]:
     """`render` with `pipeline_class.from_pretrained(model_path)` on `device` (fp32 on CPU, bf16
-    on CUDA), after `load_lora_weights(lora)` when a LoRA `.safetensors` file is given."""
+    on CUDA), after `load_lora_weights(lora)` when a LoRA `.safetensors` file is given. A LoRA
+    whose header records a prediction type (`modelspec.prediction_type`, e.g. a v-prediction
+    LoRA on an epsilon model) gets the model's scheduler with that prediction type."""
+    from difftrain_dist.models.lora_formats import lora_prediction_type
+
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     pipe = pipeline_class.from_pretrained(model_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
+        trained = lora_prediction_type(lora)
+        if trained is not None and pipe.scheduler.config.get("prediction_type") not in (None, trained):
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=trained)
     return render(pipe, prompts, seed=seed, steps=steps, resolution=resolution, guidance_scale=guidance_scale)
 
 
