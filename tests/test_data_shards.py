@@ -18,6 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from difftrain_dist.data_shards import ShardIndex, ShardStream, build_shards
+from difftrain_dist.data_shards.index import sha256_file
+from difftrain_dist.data_shards.precomputed import Precomputed, SidecarInfo, sidecar_name, tar_samples, write_sidecar
 
 DATA = Path(skimage.data.data_dir)
 RES = 32
@@ -257,8 +259,8 @@ def test_index_load_errors_name_the_file(built, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "shard-000001.tar").write_bytes(b"changed")
-    with pytest.raises(ValueError, match="shard-000001.tar: sha256"):
-        ShardIndex.load(copy).verify_checksums()
+    with pytest.raises(ValueError, match="shard-000001.tar: shard is truncated: 7 of the"):
+        ShardIndex.load(copy)
     (copy / "shard-000001.tar").unlink()
     with pytest.raises(ValueError, match=r"shards\[1\] file .*shard-000001.tar does not exist"):
         ShardIndex.load(copy)
@@ -272,6 +274,108 @@ def test_index_load_errors_name_the_file(built, tmp_path):
     (copy / "index.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"shards\[0\]: missing field 'sha256'"):
         ShardIndex.load(copy)
+
+
+def _copy_of(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def _member_offset(tar_path: Path, member: int = 0) -> tuple[int, int]:
+    """(offset of the data of the tar's `member`-th member, its size), bytes."""
+    with tarfile.open(tar_path) as tar:
+        info = tar.getmembers()[member]
+        return info.offset_data, info.size
+
+
+def _stream_keys(folder: Path, limit: int = 200) -> list[str]:
+    """Keys of the batches a one-rank stream yields (at most `limit` batches), in order."""
+    stream = ShardStream(folder, micro_batch_size=1, global_rank=0, world_size=1, seed=0, shuffle_buffer=0)
+    return [key for batch in islice(iter(stream), limit) for key in batch["keys"]]
+
+
+def test_flipped_byte_is_caught_before_any_sample_of_its_shard(built, tmp_path):
+    _, out, _ = built
+    copy = _copy_of(out, tmp_path)
+    shard = copy / "shard-000002.tar"
+    offset, size = _member_offset(shard)  # inside the first JPEG: the tar still reads, the image decodes
+    data = bytearray(shard.read_bytes())
+    data[offset + size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    keys: list[str] = []
+    stream = ShardStream(copy, micro_batch_size=1, global_rank=0, world_size=1, seed=0, shuffle_buffer=0)
+    corrupt = r"shard-000002\.tar: shard is corrupt: sha256 [0-9a-f]{64} does not match index\.json \([0-9a-f]{64}\)"
+    with pytest.raises(ValueError, match=corrupt):
+        for batch in islice(iter(stream), 200):
+            keys += batch["keys"]
+    assert not any(k.startswith("shard-000002.tar/") for k in keys), keys
+    with pytest.raises(ValueError, match=corrupt):
+        ShardIndex.load(copy).verify_checksums()
+
+
+def test_truncated_shard_is_named_with_its_size(built, tmp_path):
+    _, out, _ = built
+    copy = _copy_of(out, tmp_path)
+    shard = copy / "shard-000001.tar"
+    whole = shard.read_bytes()
+    offset, size = _member_offset(shard, 3)
+    cut = offset + size // 2  # in the middle of a member
+    shard.write_bytes(whole[:cut])
+    with pytest.raises(ValueError, match=rf"shard-000001\.tar: shard is truncated: {cut} of the {len(whole)} "
+                                         r"bytes index\.json lists"):
+        ShardIndex.load(copy)  # a stat per shard: before any training starts
+    # An index.json without sizes (an older build): the checksum catches it as the shard is read.
+    doc = json.loads((copy / "index.json").read_text())
+    for entry in doc["shards"]:
+        del entry["num_bytes"]
+    (copy / "index.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"shard-000001\.tar: shard is corrupt or truncated: sha256 "):
+        _stream_keys(copy)
+    # Read without an index, the tar itself says it is cut short (not "lacks an image or a caption").
+    with pytest.raises(ValueError, match=r"shard-000001\.tar: truncated or corrupt tar \(ReadError: "):
+        list(tar_samples(shard))
+
+
+def test_tar_cut_between_members_is_truncated(tmp_path):
+    # Cut where a member's header starts on a 10240-byte tar record, tarfile ends without an error,
+    # as if the tar were complete; only the missing end-of-archive block tells.
+    path = tmp_path / "cut.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, size in (("a.jpg", 8704), ("a.txt", 10), ("b.jpg", 100), ("b.txt", 10)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"x" * size))
+    assert [s["__key__"] for s in tar_samples(path)] == ["a", "b"]
+    assert _member_offset(path, 2)[0] == 10240 + 512  # b.jpg's header is at 10240
+    path.write_bytes(path.read_bytes()[:10240])
+    with pytest.raises(ValueError, match=r"cut\.tar: truncated tar: it ends after member a\.txt with no "
+                                         r"end-of-archive block"):
+        list(tar_samples(path))
+
+
+def test_corrupt_precomputed_sidecar_is_named(built, tmp_path):
+    _, out, _ = built
+    copy = _copy_of(out, tmp_path)
+    index = ShardIndex.load(copy)
+    sidecars = []
+    for i, shard in enumerate(index.shards):
+        path = copy / sidecar_name(shard.name)
+        write_sidecar(path, [(s["__key__"], np.zeros((8, 4, 4)), {"encoder_hidden_states": np.ones((7, 8))})
+                             for s in tar_samples(index.shard_path(i))])
+        sidecars.append(SidecarInfo(path.name, sha256_file(path)))
+    index.precomputed = Precomputed("tiny", "sd15", ("encoder_hidden_states",), tuple(sidecars))
+    index.save(copy)
+    batch = next(iter(ShardStream(copy, micro_batch_size=1, global_rank=0, world_size=1, seed=0)))
+    assert batch["latent_parameters"].shape == (1, 8, 4, 4)  # the sidecars are read
+    sidecar = copy / sidecars[0].name
+    offset, size = _member_offset(sidecar)
+    data = bytearray(sidecar.read_bytes())
+    data[offset + size - 1] ^= 0x40  # one float of the first latent
+    sidecar.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-000000\.precomputed\.tar: sidecar is corrupt or truncated: sha256 .*"
+                                         r"run `shards precompute` again"):
+        _stream_keys(copy)
 
 
 # --------------------------------------------------------------------------------------- reader

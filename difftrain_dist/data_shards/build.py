@@ -261,7 +261,7 @@ class _ShardSink:
 def _write_index(out: Path, sink: _ShardSink, skipped: list[SkippedInput], opts: BuildOptions) -> ShardIndex:
     shards = [ShardInfo(name, sum(c.values()), sha256_file(out / name),
                         {b: c[b] for b in sorted(c, key=parse_bucket)},
-                        opts.num_repeats) for name, c in sorted(sink.counts.items())]
+                        opts.num_repeats, (out / name).stat().st_size) for name, c in sorted(sink.counts.items())]
     histogram: Counter[str] = Counter()
     for shard in shards:
         histogram.update(shard.buckets)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,20 +102,35 @@ class Precomputed:
 def tar_samples(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """Samples of a tar in order, `{"__key__": KEY, EXT: bytes, ...}`: members grouped by key as
     webdataset's `base_plus_ext` splits them (`KEY.latent.npy` → key KEY, ext `latent.npy`).
-    Extensions are kept as written (not lowercased)."""
+    Extensions are kept as written (not lowercased). Streams: one member in memory at a time.
+
+    Raises:
+        ValueError: naming the file, when the tar cannot be parsed (cut inside a member or a
+            header, or garbled) or ends after a member without an end-of-archive block (cut
+            between members). Garbled member contents are not seen here: the sha256 in index.json
+            catches those (see `ShardIndex.verify_shard`).
+    """
     current: dict[str, Any] | None = None
-    with tarfile.open(path, mode="r|") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, ext = base_plus_ext(member.name)
-            if key is None:
-                continue
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            current = current or {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
+    last = "no member"
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                current = current or {"__key__": key}
+                current[ext] = tar.extractfile(member).read()
+                last = f"member {member.name}"
+            end = tar.offset  # where the end-of-archive block should be
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: truncated or corrupt tar ({type(exc).__name__}: {exc})") from None
+    if os.path.getsize(path) < end + tarfile.BLOCKSIZE:
+        raise ValueError(f"{path}: truncated tar: it ends after {last} with no end-of-archive block")
     if current is not None:
         yield current
 

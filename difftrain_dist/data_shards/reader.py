@@ -195,11 +195,14 @@ class ShardStream(IterableDataset):
                                  f"says ({info.num_samples} samples, buckets {info.buckets})")
 
     def _shard_samples(self, shard: int) -> Iterator[Sample]:
-        """One shard's samples in tar order, with their sidecar's members when precomputed."""
+        """One shard's samples in tar order, with their sidecar's members when precomputed (the
+        sidecar, like the shard, checked against index.json before its first sample)."""
         samples = _read_shard(self.index, shard)
         if self.index.precomputed is None:
-            return samples
-        return with_sidecar(samples, self.index.sidecar_path(shard), self.index.precomputed.conditioning)
+            yield from samples
+            return
+        self.index.verify_sidecar(shard)
+        yield from with_sidecar(samples, self.index.sidecar_path(shard), self.index.precomputed.conditioning)
 
     def _bucket_of(self, sample: Sample, shard: int) -> int:
         """Bucket id of a sample, from its KEY.json ("bucket": [w, h])."""
@@ -266,8 +269,18 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 def _read_shard(index: ShardIndex, shard: int) -> Iterator[Sample]:
-    """Samples of one tar in order: members grouped by key (webdataset's base_plus_ext)."""
+    """Samples of one tar in order: members grouped by key (webdataset's base_plus_ext).
+
+    Before the first sample the whole shard is hashed and compared with index.json
+    (`ShardIndex.verify_shard`), so no sample of a corrupt or truncated shard is ever yielded;
+    the tar is then read a second time (from the page cache, as a rule) to parse it.
+
+    Raises:
+        ValueError: naming the shard file: truncated or corrupt (size / sha256 against
+            index.json), not a readable tar, or a sample without an image or caption.
+    """
     path = index.shard_path(shard)
+    index.verify_shard(shard)
     for sample in tar_samples(path):
         yield _checked({k if k == "__key__" else k.lower(): v for k, v in sample.items()}, path)
 
@@ -275,7 +288,11 @@ def _read_shard(index: ShardIndex, shard: int) -> Iterator[Sample]:
 def read_shard_images(index: ShardIndex, shard: int) -> Iterator[tuple[str, np.ndarray, str]]:
     """`(KEY, image, caption)` of every sample of shard `shard`, in tar order: the image decoded
     exactly as the stream decodes it (uint8 [H, W, 3] RGB, see `decode_image`), the caption as
-    stored (UTF-8, no caption transform). What `shards precompute` encodes."""
+    stored (UTF-8, no caption transform). What `shards precompute` encodes.
+
+    Raises:
+        ValueError: as `ShardStream` does for a truncated or corrupt shard (checked first).
+    """
     for sample in _read_shard(index, shard):
         yield sample["__key__"], decode_image(sample), sample["txt"].decode("utf-8")
 
