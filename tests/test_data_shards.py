@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from itertools import islice
@@ -44,6 +45,7 @@ SKIPPED = {  # source -> (kind, words the reason must contain)
     "bad_caption.png": ("caption_encoding", "not UTF-8"),
     "dup.png": ("duplicate_stem", "duplicate stem: dup.png shares the stem 'dup' (caption dup.txt) with dup.jpg"),
     "empty.jpg": ("empty", "empty file"),
+    "garbage.jpg": ("decode", "cannot decode image: UnidentifiedImageError: cannot identify image file"),
     "no_caption.png": ("no_caption", "no caption file no_caption.txt"),
     "notes.md": ("not_image", "not an image"),
     "truncated.jpg": ("decode", "truncated"),
@@ -85,6 +87,7 @@ def _make_source(folder: Path) -> None:
     _write(folder, "exif_rotated.jpg", chelsea.transpose(Image.Transpose.ROTATE_90),
            format="JPEG", quality=95, exif=exif.tobytes())
     _write(folder, "empty.jpg").write_bytes(b"")
+    _write(folder, "garbage.jpg").write_bytes(b"not an image, whatever its name says")
     rocket = (DATA / "rocket.jpg").read_bytes()
     _write(folder, "truncated.jpg").write_bytes(rocket[: len(rocket) // 2])
     _write(folder, "no_caption.png", caption=False).write_bytes((DATA / "coins.png").read_bytes())
@@ -139,6 +142,7 @@ def test_build_keeps_good_inputs_and_reports_bad_ones(built, samples):
     for skip in index.skipped:
         kind, words = SKIPPED[skip.source]
         assert skip.kind == kind and words in skip.reason, skip
+    assert index.skipped[[s.source for s in index.skipped].index("garbage.jpg")].reason == SKIPPED["garbage.jpg"][1]
     assert index.num_samples == len(KEPT) and index.buckets == {f"{RES}x{RES}": len(KEPT)}
     assert [(s.name, s.num_samples) for s in index.shards] == [
         ("shard-000000.tar", 5), ("shard-000001.tar", 5), ("shard-000002.tar", 5), ("shard-000003.tar", 2)]
@@ -223,12 +227,30 @@ def test_default_caption_keeps_uncaptioned_images(built, tmp_path):
     assert captions["no_caption.png"] == "a photo"
 
 
+def test_upscaled_images_are_counted_and_listed(built):
+    _, out, index = built  # small_images: upscale (the default)
+    reason = "smaller than its bucket at resolution 32: 20x13 px < 32x32, upscaled 2.46x (small_images: upscale)"
+    assert [(u.source, u.resolution, u.reason) for u in index.upscaled] == [("tiny.png", RES, reason)]
+    doc = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    assert doc["upscaled"] == [{"source": "tiny.png", "resolution": RES, "reason": reason}]
+    assert ShardIndex.load(out).upscaled == index.upscaled
+
+
+def test_same_inputs_give_byte_identical_index(built, tmp_path):
+    src, out, _ = built
+    build_shards(src, tmp_path / "again", resolution=RES, samples_per_shard=5, trigger_word=TRIGGER)
+    text = (out / "index.json").read_text(encoding="utf-8")
+    assert not re.search(r"0x[0-9a-fA-F]{4,}", text), "a memory address in index.json"
+    assert (tmp_path / "again" / "index.json").read_bytes() == text.encode("utf-8")
+
+
 def test_small_image_policy_and_missing_caption_error(built, tmp_path):
     src, _, _ = built
     index = build_shards(src, tmp_path / "skip", resolution=RES, small_images="skip", default_caption="x")
     small = [s for s in index.skipped if s.kind == "small_image"]
     assert [s.source for s in small] == ["tiny.png"]
     assert "at resolution 32: 20x13 px < 32x32 (small_images: skip)" in small[0].reason
+    assert index.upscaled == []
     assert index.num_samples == len(KEPT)  # tiny.png out, no_caption.png in (default caption)
     with pytest.raises(ValueError, match=r"missing_caption is 'error' and 1 input\(s\) have no caption: "
                                          r"no_caption.png\. Add caption files"):

@@ -180,6 +180,28 @@ def test_cli_build_prints_a_summary_and_refuses_pipes(tars, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_cli_build_lists_upscaled_images(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    chelsea = Image.open(DATA / "chelsea.png")
+    for i in range(12):  # 40x30 px: smaller than the 64 px bucket
+        chelsea.resize((40, 30)).save(src / f"small{i:02d}.png")
+        (src / f"small{i:02d}.txt").write_text(f"small cat {i}")
+    chelsea.save(src / "large.png")
+    (src / "large.txt").write_text("a cat")
+    result = CliRunner().invoke(app, ["shards", "build", str(src), str(tmp_path / "out"), "--resolution", "64"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "upscaled 12 sample(s) smaller than their bucket (small_images: upscale; --small-images skip" in text
+    assert ("upscaled small00.png: smaller than its bucket at resolution 64: 40x30 px < 64x64, "
+            "upscaled 2.13x (small_images: upscale)") in text
+    assert "upscaled small09.png" in text and "upscaled small10.png" not in text
+    assert f"... and 2 more upscaled; every one is listed in {tmp_path / 'out'}/index.json" in text
+    assert "large.png" not in text
+    index = ShardIndex.load(tmp_path / "out")
+    assert [u.source for u in index.upscaled] == [f"small{i:02d}.png" for i in range(12)]
+
+
 def test_cli_merge_combines_datasets_with_their_own_repeats(tars, tmp_path):
     build_shards(tars / "web" / "part-000.tar", tmp_path / "root" / "often", resolution=RES, num_repeats=4,
                  trigger_word="ohwx")
@@ -192,5 +214,6 @@ def test_cli_merge_combines_datasets_with_their_own_repeats(tars, tmp_path):
         ("often/shard-000000.tar", 3, 4), ("once/shard-000000.tar", 1, 1)]
     assert index.samples_per_epoch == 13 and "13 per epoch" in " ".join(result.output.split())
     assert {s.source.split(": ")[0] for s in index.skipped} == {"often"}
+    assert index.upscaled == []  # every photo covers its bucket
     again = CliRunner().invoke(app, ["shards", "merge", str(tmp_path / "root"), str(tmp_path / "root" / "once")])
     assert again.exit_code == 2 and "already exists" in again.output

@@ -42,8 +42,8 @@ from .buckets import (
 )
 from .captions import fill_placeholders
 from .images import DECODE_ERRORS, encode_jpeg, fit_to_bucket, open_oriented, to_rgb
-from .index import ShardIndex, ShardInfo, SkippedInput, sha256_file
-from .sources import InputItem, SkipInput, folder_missing_captions, iter_inputs, resolve_sources
+from .index import ShardIndex, ShardInfo, SkippedInput, UpscaledInput, sha256_file
+from .sources import InputItem, SkipInput, error_text, folder_missing_captions, iter_inputs, resolve_sources
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ def build_shards(
         trigger_word: replaces `[trigger]` and `[name]` in captions; None leaves them for the reader.
         num_repeats: times the reader yields each of these samples per epoch (ai-toolkit's
             `num_repeats`), stored per shard in index.json.
-        small_images: "upscale" images smaller than their bucket, or "skip" them (reported per
-            resolution).
+        small_images: "upscale" images smaller than their bucket (listed in `index.upscaled`), or
+            "skip" them (listed in `index.skipped`); per resolution.
         bucket_step, max_aspect: bucket size step (px) and largest long/short side ratio.
         samples_per_shard: samples per tar (the last one may hold fewer).
         allow_shell_urls: allow `pipe:` sources, which run a shell command.
@@ -112,7 +112,9 @@ def build_shards(
         ValueError: an option is out of range (naming it), a source is missing or refused, `out` is
             a file or already holds shards / index.json, or missing_caption is "error" and some
             inputs have no caption (no index is written then). Bad inputs never raise: they are
-            listed in `index.skipped` with a kind and reason, and logged as warnings.
+            listed in `index.skipped` with a kind and reason, and logged as warnings. Reasons
+            hold no memory addresses or times: the same inputs and options give the same
+            index.json bytes.
     """
     out = Path(out)
     opts = _options(resolution, caption_ext, default_caption, missing_caption, trigger_word,
@@ -127,13 +129,17 @@ def build_shards(
     out.mkdir(parents=True, exist_ok=True)
     sink = _ShardSink(out, samples_per_shard)
     skipped: list[SkippedInput] = []
+    upscaled: list[UpscaledInput] = []
     missing: list[str] = []
     try:
         for item in iter_inputs(sources, out, caption_ext):
-            samples, skips = _prepare_all(item, opts, missing)
+            samples, skips, upscales = _prepare_all(item, opts, missing)
             for skip in skips:
                 skipped.append(SkippedInput(item.source, skip.reason, skip.kind))
                 log.warning("skipping %s: %s", item.source, skip.reason)
+            for res, reason in upscales:
+                upscaled.append(UpscaledInput(item.source, res, reason))
+                log.info("upscaling %s: %s", item.source, reason)
             for sample, bucket in samples:
                 sink.write(sample, bucket)
     finally:
@@ -141,7 +147,7 @@ def build_shards(
     if missing:  # only tar inputs get here: folders were checked up front
         sink.discard()
         raise _missing_caption_error(missing)
-    return _write_index(out, sink, skipped, opts)
+    return _write_index(out, sink, skipped, upscaled, opts)
 
 
 def _options(resolution, caption_ext, default_caption, missing_caption, trigger_word, num_repeats,
@@ -185,11 +191,12 @@ def _missing_caption_error(missing: list[str]) -> ValueError:
                       "Add caption files, or set missing_caption to 'skip', or give a default_caption")
 
 
-def _prepare_all(item: InputItem, opts: BuildOptions,
-                 missing: list[str]) -> tuple[list[tuple[dict[str, Any], Bucket]], list[SkipInput]]:
-    """The samples (one per resolution) of one input, and the reasons for any left out."""
+def _prepare_all(item: InputItem, opts: BuildOptions, missing: list[str]
+                 ) -> tuple[list[tuple[dict[str, Any], Bucket]], list[SkipInput], list[tuple[int, str]]]:
+    """The samples (one per resolution) of one input, the reasons for any left out, and
+    (resolution, reason) for each one upscaled to its bucket."""
     if item.skip is not None:
-        return [], [item.skip]
+        return [], [item.skip], []
     try:
         data, caption = item.load()
         caption = _caption(item, caption, opts, missing)
@@ -198,23 +205,26 @@ def _prepare_all(item: InputItem, opts: BuildOptions,
         try:
             img = to_rgb(open_oriented(data))
         except DECODE_ERRORS as exc:
-            raise SkipInput("decode", f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+            raise SkipInput("decode", f"cannot decode image: {error_text(exc)}") from exc
     except SkipInput as skip:
-        return [], [skip]
+        return [], [skip], []
     width, height = img.size
     base = {"width": width, "height": height, "source": item.source,
             "sha256": hashlib.sha256(data).hexdigest(), **item.meta}
-    samples, skips = [], []
+    samples, skips, upscales = [], [], []
     for res in opts.resolutions:
         bucket = choose_bucket(width, height, candidate_buckets(res, opts.bucket_step, opts.max_aspect))
-        if opts.small_images == "skip" and (width < bucket[0] or height < bucket[1]):
-            skips.append(SkipInput("small_image", f"smaller than its bucket at resolution {res}: "
-                                   f"{width}x{height} px < {bucket_name(bucket)} (small_images: skip)"))
-            continue
+        if width < bucket[0] or height < bucket[1]:
+            small = f"smaller than its bucket at resolution {res}: {width}x{height} px < {bucket_name(bucket)}"
+            if opts.small_images == "skip":
+                skips.append(SkipInput("small_image", f"{small} (small_images: skip)"))
+                continue
+            scale = max(bucket[0] / width, bucket[1] / height)  # as fit_to_bucket scales
+            upscales.append((res, f"{small}, upscaled {scale:.2f}x (small_images: upscale)"))
         meta = {**base, "bucket": list(bucket), "resolution": res}
         samples.append(({"jpg": encode_jpeg(fit_to_bucket(img, bucket)), "txt": caption.encode("utf-8"),
                          "json": json.dumps(meta).encode("utf-8")}, bucket))
-    return samples, skips
+    return samples, skips, upscales
 
 
 def _caption(item: InputItem, caption: str | None, opts: BuildOptions, missing: list[str]) -> str:
@@ -258,7 +268,8 @@ class _ShardSink:
         self.counts.clear()
 
 
-def _write_index(out: Path, sink: _ShardSink, skipped: list[SkippedInput], opts: BuildOptions) -> ShardIndex:
+def _write_index(out: Path, sink: _ShardSink, skipped: list[SkippedInput], upscaled: list[UpscaledInput],
+                 opts: BuildOptions) -> ShardIndex:
     shards = [ShardInfo(name, sum(c.values()), sha256_file(out / name),
                         {b: c[b] for b in sorted(c, key=parse_bucket)},
                         opts.num_repeats, (out / name).stat().st_size) for name, c in sorted(sink.counts.items())]
@@ -267,8 +278,9 @@ def _write_index(out: Path, sink: _ShardSink, skipped: list[SkippedInput], opts:
         histogram.update(shard.buckets)
     index = ShardIndex(resolutions=list(opts.resolutions), num_samples=sink.total, shards=shards,
                        buckets={b: histogram[b] for b in sorted(histogram, key=parse_bucket)}, skipped=skipped,
+                       upscaled=upscaled,
                        build={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items()})
     index.save(out)
-    log.info("wrote %d samples in %d shards to %s; skipped %d inputs",
-             index.num_samples, len(index.shards), out, len(skipped))
+    log.info("wrote %d samples in %d shards to %s; skipped %d inputs, upscaled %d samples",
+             index.num_samples, len(index.shards), out, len(skipped), len(upscaled))
     return index

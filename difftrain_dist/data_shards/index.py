@@ -7,6 +7,7 @@ Format (version 2)::
                  "buckets": {"512x512": 3, "576x384": 2}, "num_bytes": 40960}, ...],
      "buckets": {"512x512": 7, "576x384": 4},
      "skipped": [{"source": "sub/bad.jpg", "kind": "decode", "reason": "cannot decode image: ..."}],
+     "upscaled": [{"source": "sub/small.png", "resolution": 512, "reason": "smaller than ..."}],
      "build": {"bucket_step": 64, ...}}
 
 - Shard names are paths relative to the folder holding `index.json`.
@@ -21,7 +22,10 @@ Format (version 2)::
   reader needs to compute its quotas without opening a tar.
 - `skipped` lists every input left out, with a short `kind` (e.g. "decode", "no_caption",
   "duplicate_stem", "small_image") and a human-readable `reason`.
-- `build` records the options the shards were built with (informational).
+- `upscaled` lists every sample written larger than its source image (`small_images: upscale`):
+  source, resolution (px) and reason (sizes and scale). Absent in older files (read as []).
+- `build` records the options the shards were built with (informational). Nothing in the file
+  depends on when or where it was built: the same inputs and options give the same bytes.
 - `precomputed` (optional) lists the sidecar tars of VAE latent parameters and text embeddings
   written by `shards precompute`, one per shard (see precomputed.py).
 
@@ -153,6 +157,24 @@ class SkippedInput:
         return _item(self, field_name)
 
 
+@dataclass(frozen=True)
+class UpscaledInput:
+    """A sample written larger than its source (`small_images: upscale`): `source` (as in
+    `SkippedInput`), the training `resolution` (px) and a human-readable `reason` (sizes in px,
+    scale factor).
+
+    Fields read as attributes (`item.source`) or like the JSON object (`item["source"]`).
+    """
+
+    source: str
+    resolution: int
+    reason: str
+
+    def __getitem__(self, field_name: str) -> Any:
+        """`upscaled["source"]` reads like the JSON object (KeyError for unknown fields)."""
+        return _item(self, field_name)
+
+
 @dataclass
 class ShardIndex:
     """In-memory `index.json`. `root` is the folder holding it (shard names resolve against it)."""
@@ -162,6 +184,7 @@ class ShardIndex:
     shards: list[ShardInfo]
     buckets: dict[str, int]
     skipped: list[SkippedInput] = field(default_factory=list)
+    upscaled: list[UpscaledInput] = field(default_factory=list)
     build: dict[str, Any] = field(default_factory=dict)
     version: int = INDEX_VERSION
     root: Path | None = None
@@ -219,6 +242,7 @@ class ShardIndex:
             "shards": [s.to_dict() for s in self.shards],
             "buckets": dict(self.buckets),
             "skipped": [vars(s) for s in self.skipped],
+            "upscaled": [vars(u) for u in self.upscaled],
             "build": dict(self.build),
         }
         if self.precomputed is not None:
@@ -301,7 +325,7 @@ def merge_indexes(root: Path, parts: list[Path]) -> ShardIndex:
 
     This is how datasets with different `num_repeats` (or resolutions) train together: build each
     into `root/<name>`, then merge. Shard names become `<name>/shard-....tar`; every part keeps its
-    shards' `repeats`; skipped inputs are carried over with the part's folder prefixed. Precomputed
+    shards' `repeats`; skipped and upscaled inputs are carried over with the part's folder prefixed. Precomputed
     sidecars are kept when every part has them from the same model, arch and conditioning.
 
     Raises:
@@ -311,7 +335,7 @@ def merge_indexes(root: Path, parts: list[Path]) -> ShardIndex:
     root = Path(root)
     if (root / INDEX_NAME).exists():
         raise ValueError(f"{root / INDEX_NAME}: already exists; merge into a folder without index.json")
-    shards, skipped, resolutions, buckets, precomputed = [], [], [], {}, []
+    shards, skipped, upscaled, resolutions, buckets, precomputed = [], [], [], [], {}, []
     for part in parts:
         part = Path(part)
         try:
@@ -323,6 +347,7 @@ def merge_indexes(root: Path, parts: list[Path]) -> ShardIndex:
         index = ShardIndex.load(part)
         shards += [replace(s, name=f"{rel}/{s.name}", buckets=dict(s.buckets)) for s in index.shards]
         skipped += [SkippedInput(f"{rel}: {s.source}", s.reason, s.kind) for s in index.skipped]
+        upscaled += [replace(u, source=f"{rel}: {u.source}") for u in index.upscaled]
         resolutions += [r for r in index.resolutions if r not in resolutions]
         for name, count in index.buckets.items():
             buckets[name] = buckets.get(name, 0) + count
@@ -330,7 +355,7 @@ def merge_indexes(root: Path, parts: list[Path]) -> ShardIndex:
             index.precomputed, sidecars=tuple(SidecarInfo(f"{rel}/{s.name}", s.sha256)
                                               for s in index.precomputed.sidecars)))
     merged = ShardIndex(resolutions=resolutions, num_samples=sum(s.num_samples for s in shards),
-                        shards=shards, buckets=buckets, skipped=skipped,
+                        shards=shards, buckets=buckets, skipped=skipped, upscaled=upscaled,
                         build={"merged": [Path(p).resolve().relative_to(root.resolve()).as_posix()
                                           for p in parts]},
                         precomputed=_merged_precomputed(precomputed))
@@ -415,6 +440,13 @@ def _from_dict(doc: Any, path: Path) -> ShardIndex:
             raise ValueError(f"{at}: expected an object, found {raw!r}")
         skipped.append(SkippedInput(_get(raw, "source", str, at), _get(raw, "reason", str, at),
                                     raw.get("kind", "other")))
+    upscaled = []
+    for i, raw in enumerate(_get(doc, "upscaled", list, where) if "upscaled" in doc else []):
+        at = f"{path}: upscaled[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{at}: expected an object, found {raw!r}")
+        upscaled.append(UpscaledInput(_get(raw, "source", str, at), _get(raw, "resolution", int, at),
+                                      _get(raw, "reason", str, at)))
     build = doc.get("build", {})
     if not isinstance(build, dict):
         raise ValueError(f"{path}: field 'build' should be an object, found {build!r}")
@@ -422,7 +454,7 @@ def _from_dict(doc: Any, path: Path) -> ShardIndex:
     if precomputed is not None:
         precomputed = Precomputed.from_dict(precomputed, where, len(shards))
     index = ShardIndex(resolutions=resolutions, num_samples=_get(doc, "num_samples", int, where),
-                       shards=shards, buckets=buckets, skipped=skipped,
+                       shards=shards, buckets=buckets, skipped=skipped, upscaled=upscaled,
                        build=build, version=version, precomputed=precomputed)
     total = sum(index.shard_sizes)
     if total != index.num_samples or any(n < 0 for n in index.shard_sizes):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 import urllib.request
 import zlib
@@ -40,6 +41,14 @@ SHELL_SCHEMES = frozenset({"pipe"})
 URL_SCHEMES = frozenset({"http", "https"})
 TAR_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, ValueError, EOFError, zlib.error)
 HTTP_TIMEOUT_S = 60.0
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message` of an exception for a report, without the `<... object at 0x...>` reprs
+    some messages carry (PIL: "cannot identify image file <_io.BytesIO object at 0x7f...>"): the
+    same input gives the same text in every build."""
+    return f"{type(exc).__name__}: {_OBJECT_REPR.sub('', str(exc))}"
 
 
 class SkipInput(Exception):
@@ -198,7 +207,7 @@ def iter_tar(location: str, display: str) -> Iterator[InputItem]:
     except TAR_ERRORS as exc:
         where = f"after {count} samples" if count else "before any sample"
         yield InputItem(display, None, skip=SkipInput(
-            "tar", f"cannot read tar {where}: {type(exc).__name__}: {exc}"))
+            "tar", f"cannot read tar {where}: {error_text(exc)}"))
 
 
 def _tar_item(sample: dict[str, Any], display: str) -> InputItem:

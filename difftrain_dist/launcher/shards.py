@@ -115,6 +115,7 @@ def _summary(index, out: Path) -> None:
                   f"({index.samples_per_epoch} per epoch with repeats {repeats})")
     if index.buckets:
         console.print("buckets: " + ", ".join(f"{b}: {n}" for b, n in index.buckets.items()))
+    _upscaled(index, out)
     if not index.skipped:
         return
     kinds = Counter(item.kind for item in index.skipped)
@@ -128,3 +129,16 @@ def _summary(index, out: Path) -> None:
     for kind, n in kinds.items():
         if n > LISTED_PER_KIND:
             console.print(f"  ... and {n - LISTED_PER_KIND} more {kind}; every one is listed in {out}/index.json")
+
+
+def _upscaled(index, out: Path) -> None:
+    """Count and list (the first LISTED_PER_KIND) samples written larger than their source."""
+    if not index.upscaled:
+        return
+    console.print(f"[yellow]upscaled {len(index.upscaled)} sample(s)[/yellow] smaller than their bucket "
+                  "(small_images: upscale; --small-images skip leaves them out):")
+    for item in index.upscaled[:LISTED_PER_KIND]:
+        console.print(f"  [yellow]upscaled[/yellow] {item.source}: {item.reason}")
+    if len(index.upscaled) > LISTED_PER_KIND:
+        console.print(f"  ... and {len(index.upscaled) - LISTED_PER_KIND} more upscaled; "
+                      f"every one is listed in {out}/index.json")
