@@ -202,6 +202,20 @@ def test_cli_build_lists_upscaled_images(tmp_path):
     assert [u.source for u in index.upscaled] == [f"small{i:02d}.png" for i in range(12)]
 
 
+def test_cli_verify_names_a_corrupt_shard(tars, tmp_path):
+    out = tmp_path / "out"
+    build_shards(tars / "web", out, resolution=RES, samples_per_shard=2, default_caption="a photo")
+    ok = CliRunner().invoke(app, ["shards", "verify", str(out)])
+    assert ok.exit_code == 0 and "3 shard(s) match" in " ".join(ok.output.split()), ok.output
+    shard = out / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    bad = CliRunner().invoke(app, ["shards", "verify", str(out)])
+    compact = "".join(bad.output.split())  # rich wraps long paths anywhere
+    assert bad.exit_code == 2 and "shard-000001.tar:shardiscorrupt:sha256" in compact, bad.output
+
+
 def test_cli_merge_combines_datasets_with_their_own_repeats(tars, tmp_path):
     build_shards(tars / "web" / "part-000.tar", tmp_path / "root" / "often", resolution=RES, num_repeats=4,
                  trigger_word="ohwx")
