@@ -104,7 +104,7 @@ def verify(
     """Check every shard (and precomputed sidecar) against the sizes and sha256 in index.json.
 
     Training checks each shard as it reads it anyway; this reads every byte up front (about
-    1 GB/s per core), e.g. after copying a dataset to a cluster.
+    1.6 GB/s per core), e.g. after copying a dataset to a cluster.
     """
     from difftrain_dist.data_shards import ShardIndex
 
