@@ -32,6 +32,12 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "difftrain_dist", *args]
 
 
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """`torchrun --nproc-per-node NPROC -m difftrain_dist ARGS…` on a free rendezvous port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), "-m", "difftrain_dist", *args]
+
+
 def marked_env() -> tuple[dict[str, str], str]:
     """The environment for a run whose processes are found again by `marked_processes(mark)`."""
     mark = uuid.uuid4().hex

@@ -21,7 +21,7 @@ from difftrain_dist.distrib.worker import NonFiniteLossError, check_finite_loss
 from difftrain_dist.models import get_adapter, read_lora_file
 from difftrain_dist.models.lora_formats import lora_prediction_type
 
-from .procs import free_port
+from .procs import free_port, torchrun
 
 CPU = torch.device("cpu")
 
@@ -125,11 +125,7 @@ def test_run_that_diverges_stops_with_the_step_and_keeps_finite_checkpoints(tmp_
         "checkpoint": {"every_n_steps": 1},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
-         "-m", "difftrain_dist", "worker", "r.yaml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+    proc = subprocess.run(torchrun(1, "worker", "r.yaml"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "NonFiniteLossError: step 2: the loss is" in proc.stderr, proc.stderr[-4000:]
     checkpoints = list_checkpoints(tmp_path / "runs" / "nan")

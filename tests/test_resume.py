@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import yaml
 from difftrain_dist.distrib.checkpoint import checkpoint_name, inspect_checkpoint, list_checkpoints
 from difftrain_dist.models import read_lora_file
 
-from .procs import assert_no_processes_left, cli, free_port, marked_env, wait_for_checkpoint
+from .procs import assert_no_processes_left, cli, marked_env, torchrun, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 EXACT = 1e-6
@@ -38,11 +37,6 @@ def recipe_dict(model: Path, shards: Path, storage: Path, **train) -> dict:
         "distributed": {"num_workers": 2, "zero_stage": 2, "max_failures": 1},
         "checkpoint": {"every_n_steps": EVERY, "keep_last": None},
     }
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "difftrain_dist", *args]
 
 
 def run(cmd: list[str], cwd: Path, ok: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from difftrain_dist.distrib.checkpoint import inspect_checkpoint, list_checkpoin
 from difftrain_dist.models import read_lora_file
 
 from .lora_checks import hand_merged_unet, outputs_without_and_with_lora, unet_output
-from .procs import free_port
+from .procs import torchrun
 
 pytestmark = pytest.mark.slow
 # fp32 on CPU: LoRA applied by diffusers vs merged into the weights differ by summation order only.
@@ -129,11 +129,7 @@ def test_torchrun_worker_zero3_without_ray(tmp_path, tiny_sd15_model, photo_shar
         "checkpoint": {"every_n_steps": 3},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "difftrain_dist", "worker", "r.yaml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+    proc = subprocess.run(torchrun(2, "worker", "r.yaml"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "step 3/3  loss" in proc.stderr
     exported, _ = read_lora_file(tmp_path / "out" / "tr.safetensors")
