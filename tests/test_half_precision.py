@@ -43,7 +43,7 @@ def test_float16_sdxl_vae_encodes_in_float32(tiny_model) -> None:
 
 
 _SCALER_CHECK = textwrap.dedent("""
-    import json, sys, torch
+    import json, os, sys, torch
     import deepspeed, torch.distributed as dist
     from difftrain_dist.config import Recipe
     from difftrain_dist.distrib.engine import deepspeed_config
@@ -71,7 +71,8 @@ _SCALER_CHECK = textwrap.dedent("""
         engine.step()
         with deepspeed.zero.GatheredParameters(list(engine.module[1].parameters())):
             out[stage] = engine.module[1].weight.detach().float().flatten().tolist()
-    print("RESULT" + json.dumps(out))
+    print("RESULT" + json.dumps(out), flush=True)
+    os._exit(0)  # gloo's threads may abort the interpreter's own exit after ZeRO-3
 """)
 
 
