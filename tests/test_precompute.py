@@ -23,7 +23,7 @@ def precomputed(tiny_sd15_model, photo_shards, tmp_path_factory):
 
     shards = tmp_path_factory.mktemp("precomputed") / "shards"
     shutil.copytree(photo_shards, shards)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         results = precompute_shards(shards, str(tiny_sd15_model), arch="sd15")
     finally:

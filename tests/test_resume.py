@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import yaml
 from difftrain_dist.distrib.checkpoint import checkpoint_name, inspect_checkpoint, list_checkpoints
 from difftrain_dist.models import read_lora_file
 
-from .procs import free_port
+from .procs import assert_no_processes_left, cli, marked_env, torchrun, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 EXACT = 1e-6
@@ -40,32 +39,16 @@ def recipe_dict(model: Path, shards: Path, storage: Path, **train) -> dict:
     }
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "difftrain_dist", *args]
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "difftrain_dist", *args]
-
-
-def run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+def run(cmd: list[str], cwd: Path, ok: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
     if ok:
         assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
 
 
-def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> dict:
-    """Poll until checkpoint `step` is complete; returns its rank_1.json."""
-    manifest = run_dir / checkpoint_name(step) / "rank_1.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if inspect_checkpoint(run_dir / checkpoint_name(step)).valid if manifest.exists() else False:
-            return json.loads(manifest.read_text())
-        assert proc.poll() is None, f"run ended before checkpoint {step}"
-        time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint {step} after {timeout} s")
+def driver_lines(stderr: str) -> list[str]:
+    """The lines the driver printed itself (Ray prefixes the lines of its worker processes)."""
+    return [line for line in stderr.splitlines() if not re.match(r"(\x1b\[\d+m)?\(\w+ pid=", line)]
 
 
 def assert_same_lora(a: Path, b: Path) -> None:
@@ -81,7 +64,9 @@ def reference(tmp_path_factory, tiny_sd15_model, photo_shards) -> Path:
     """The uninterrupted run; returns its storage folder (run folder `rs`, LoRA in out/)."""
     storage = tmp_path_factory.mktemp("reference")
     (storage / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, storage)))
-    run(cli("train", "r.yaml", "--no-progress"), storage)
+    env, mark = marked_env()
+    run(cli("train", "r.yaml", "--no-progress"), storage, env=env)
+    assert_no_processes_left(mark)  # the embedded Ray cluster ends with the run
     assert [c.step for c in list_checkpoints(storage / "rs") if c.valid] == [3, 6, 9, 12]
     return storage
 
@@ -89,13 +74,15 @@ def reference(tmp_path_factory, tiny_sd15_model, photo_shards) -> Path:
 def test_sigterm_to_driver_stops_with_checkpoint_then_resume_is_exact(reference, tmp_path, tiny_sd15_model,
                                                                      photo_shards):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, tmp_path)))
-    proc = subprocess.Popen(cli("train", "r.yaml", "--no-progress"), cwd=tmp_path,
+    env, mark = marked_env()
+    proc = subprocess.Popen(cli("train", "r.yaml", "--no-progress"), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(tmp_path / "rs", EVERY, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-4000:]
     assert "stopping after the current step" in err
+    assert_no_processes_left(mark)
     assert not (tmp_path / "out" / "rs.safetensors").exists(), "a stopped run wrote the final LoRA name"
     stopped = [c for c in list_checkpoints(tmp_path / "rs") if c.valid][-1]
     assert EVERY < stopped.step < MAX_STEPS, "the stop did not save the step it reached"
@@ -104,16 +91,29 @@ def test_sigterm_to_driver_stops_with_checkpoint_then_resume_is_exact(reference,
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
 
 
-def test_sigkill_of_rank_1_restarts_the_worker_group_and_resume_is_exact(reference, tmp_path, tiny_sd15_model,
-                                                                        photo_shards):
+def test_killed_worker_group_restarts_from_a_checkpoint_the_driver_names_and_resume_is_exact(
+        reference, tmp_path, tiny_sd15_model, photo_shards):
+    """Both workers are SIGKILLed and the newest checkpoint is then corrupted: the driver says that
+    Ray restarted the worker group, which checkpoint rank 0 set aside and why, and which one the
+    group resumed from; the run still ends with the reference LoRA."""
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe_dict(tiny_sd15_model, photo_shards, tmp_path)))
     proc = subprocess.Popen(cli("train", "r.yaml", "--no-progress"), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rank1 = wait_for_checkpoint(tmp_path / "rs", EVERY, proc)
-    os.kill(rank1["pid"], signal.SIGKILL)
+    rank1 = wait_for_checkpoint(tmp_path / "rs", 2 * EVERY, proc)
+    rank0 = json.loads((tmp_path / "rs" / checkpoint_name(2 * EVERY) / "rank_0.json").read_text())
+    for pid in (rank0["pid"], rank1["pid"]):  # both: no rank can complete another checkpoint
+        os.kill(pid, signal.SIGKILL)
+    *older, newest = [c for c in list_checkpoints(tmp_path / "rs") if c.valid]
+    shard = next(newest.path.rglob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-6000:]
-    assert "resumed from checkpoint_" in err, "Ray did not restart the workers from a checkpoint"
+    lines = driver_lines(err)
+    restart = (f"worker group restarted after a failure (attempt 2): resumed from {older[-1].path.name} "
+               f"(step {older[-1].step})")
+    assert restart in lines, err[-6000:]
+    assert any(re.fullmatch(rf"skipping {newest.path.name}: .*optim_states\.pt is corrupt .*\(kept as "
+                            rf"{newest.path.name}\.invalid-\d+\)", line) for line in lines), err[-6000:]
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
 
 
@@ -127,10 +127,13 @@ def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference,
         manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "recipe_hash": "0" * 64}))
     proc = run(cli("resume", str(run_dir), "--no-progress", "--set", f"run.output_dir={tmp_path / 'out'}"),
                tmp_path)
-    assert "checkpoint_000000012: step_000000012/zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in proc.stderr
-    assert "checkpoint_000000009: missing rank_1.json" in proc.stderr
-    assert "checkpoint_000000006: recipe hash differs" in proc.stderr
-    assert "resumed from checkpoint_000000003" in proc.stderr
+    lines = driver_lines(proc.stderr)  # said by the driver, once, not only in a worker's log line
+    for name, reason in [(checkpoint_name(12), "step_000000012/zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt"),
+                         (checkpoint_name(9), "missing rank_1.json"), (checkpoint_name(6), "recipe hash differs")]:
+        said = [line for line in lines if line.startswith(f"skipping {name}: ")]
+        assert len(said) == 1 and said[0].startswith(f"skipping {name}: {reason}"), proc.stderr[-6000:]
+    assert "skipping" not in "".join(set(proc.stderr.splitlines()) - set(lines))
+    assert "resumed from checkpoint_000000003 (step 3)" in lines, proc.stderr[-6000:]
     set_aside = sorted(p.name.split(".")[0] for p in run_dir.glob("checkpoint_*.invalid-*"))
     assert set_aside == [checkpoint_name(6), checkpoint_name(9), checkpoint_name(12)]
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,9 @@ from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
 from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint
 from difftrain_dist.distrib.export import export_checkpoint
-from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay
-from difftrain_dist.distrib.resume import choose_checkpoint
-from difftrain_dist.distrib.session import PREEMPTION_SIGNALS
+from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay, logs_to_board, say
+from difftrain_dist.distrib.resume import choose_checkpoint, set_aside_skipped
+from difftrain_dist.distrib.session import STOP_SIGNALS
 from difftrain_dist.distrib.worker import check_data_fits_model, train_worker
 from difftrain_dist.quiet import quiet_env
 
@@ -67,7 +68,9 @@ class RaySession:
 
 def _ray_train_loop(config: dict[str, Any]) -> None:
     recipe = Recipe.model_validate(config["recipe"])
-    train_worker(recipe, RaySession(config["board"]))
+    board = config["board"]
+    with logs_to_board(board, ray.train.get_context().get_world_rank()):
+        train_worker(recipe, RaySession(board))
 
 
 @dataclass
@@ -82,17 +85,60 @@ class TrainingResult:
     """True when a stop signal ended the run before `train.max_steps` (re-run to continue)."""
 
 
+def starts_embedded_cluster(address: str | None) -> bool:
+    """True when `init_ray(address, …)` would start an embedded local cluster (no `address`, no
+    RAY_ADDRESS, Ray not initialised yet): whoever calls it then ends the cluster."""
+    return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(address: str | None, num_cpus_needed: float) -> None:
-    """Join `address` (or RAY_ADDRESS), else start an embedded local cluster big enough for the job."""
+    """Join `address` (or RAY_ADDRESS), else start an embedded local cluster big enough for the job.
+
+    The embedded cluster is always a new one (Ray's `address="local"`): without it Ray would join
+    whatever cluster it finds on the machine (the address file in its temp folder, written by
+    `ray start` and by `ray.cluster_utils`), another user's run or one a killed process left.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     common = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **common)
-    else:
-        num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999))
-        ray.init(num_cpus=num_cpus, _temp_dir=tempfile.gettempdir() + "/ray", **common)
+        return
+    num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999))
+    with ray_processes_in_own_session():
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tempfile.gettempdir() + "/ray", **common)
+
+
+@contextlib.contextmanager
+def ray_processes_in_own_session() -> Iterator[None]:
+    """While inside, the processes Ray starts for an embedded cluster (GCS, raylet, dashboard and,
+    through the raylet, the workers) start in a session of their own.
+
+    Ray starts them in the driver's process group, so a terminal's Ctrl+C, which goes to the whole
+    foreground group, reached them too: Ray blocks SIGINT in them, but not in the dashboard's
+    module processes, which died of it and took Ray's State API with them. In their own session
+    only the driver hears the terminal. They still end with the driver: on Linux Ray ties them to
+    it with PR_SET_PDEATHSIG, which does not depend on sessions (without that kernel support Ray
+    kills its process group instead, so nothing is changed there). Ray (2.5x-2.6x) has no option
+    for this; it starts these processes through `ray._private.services.ConsolePopen`.
+    """
+    from ray._private import services, utils
+
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None or not utils.detect_fate_sharing_support():
+        yield
+        return
+
+    class NewSessionPopen(popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "start_new_session": True})
+
+    services.ConsolePopen = NewSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def worker_env_vars(recipe: Recipe) -> dict[str, str]:
@@ -128,26 +174,52 @@ def build_trainer(recipe: Recipe, board) -> TorchTrainer:
 
 @contextlib.contextmanager
 def stop_on_signals(board) -> Iterator[list[int]]:
-    """While inside, SIGTERM/SIGUSR1 to the driver ask the workers to stop after their current step
-    (they save a checkpoint first); a second signal interrupts at once. Yields the signals seen."""
+    """While inside, SIGTERM/SIGUSR1/SIGINT to the driver ask the workers to stop after their
+    current step (they save a checkpoint first); a second signal raises KeyboardInterrupt at once.
+    Yields the signals seen. Main thread only."""
     seen: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
     def handle(signum, frame):
+        name = signal.Signals(signum).name
         if seen:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+            print(f"received {name} again: aborting at once", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt(f"second {name}")
         seen.append(signum)
-        print(f"received {signal.Signals(signum).name}: stopping after the current step with a checkpoint",
-              file=sys.stderr, flush=True)
+        print(f"received {name}: stopping after the current step with a checkpoint "
+              "(send it again to abort at once)", file=sys.stderr, flush=True)
         board.request_stop.remote()
 
-    for sig in PREEMPTION_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handle)
     try:
         yield seen
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def fit_off_the_main_thread(trainer: TorchTrainer) -> None:
+    """`trainer.fit()` in a helper thread; the main thread waits, so that the signals reach
+    `stop_on_signals`. On the main thread Ray Train installs its own SIGINT handler, which aborts
+    the run without a checkpoint (and the driver exits 1); it leaves other threads alone.
+
+    Raises what `fit` raised; KeyboardInterrupt (a second signal) while `fit` still runs.
+    """
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            failure.append(err)
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # signal handlers run in between
+    if failure:
+        raise failure[0]
 
 
 def forget_ray_run_snapshot(run_dir: Path) -> None:
@@ -175,26 +247,37 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     """Train a recipe on Ray and consolidate the last checkpoint into `output_dir/<name>.safetensors`.
 
     Re-running the same recipe (same run name and storage path) resumes from the newest valid
-    checkpoint. SIGTERM/SIGUSR1 stop the run after the current step with a checkpoint
-    (`TrainingResult.preempted`).
+    checkpoint; invalid newer ones are set aside, each with a line saying why. SIGTERM/SIGUSR1/SIGINT
+    stop the run after the current step with a checkpoint (`TrainingResult.preempted`); a second
+    one raises KeyboardInterrupt at once. An embedded cluster is shut down before this returns or
+    raises, whatever the outcome.
 
     Raises:
         ValueError: the run folder's checkpoints cannot be continued with this recipe.
         ray.train.TrainingFailedError: a worker failed more often than `distributed.max_failures`.
         RuntimeError: training finished but left no valid checkpoint.
+        KeyboardInterrupt: a second stop signal, or SIGINT before the job started.
     """
-    choose_checkpoint(recipe)  # refuse early (recipe changed, ZeRO stage changed), before any write
+    _, skipped = choose_checkpoint(recipe)  # refuse early (recipe changed, ZeRO stage changed), before any write
     check_data_fits_model(recipe, ShardIndex.load(recipe.data.shards))
-    init_ray(recipe.distributed.address, recipe.distributed.num_workers * recipe.distributed.cpus_per_worker)
-    save_run_recipe(recipe)
-    forget_ray_run_snapshot(recipe.run_dir)
-    # On the driver's node: a lost worker node must not take the progress board (and the stop
-    # flag) with it while Ray restarts the worker group.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    board = ProgressBoard.options(scheduling_strategy=here).remote()
-    trainer = build_trainer(recipe, board)
-    with stop_on_signals(board) as signals, ProgressDisplay(board, recipe.train.max_steps, enabled=show_progress):
-        trainer.fit()
+    for line in set_aside_skipped(skipped):
+        say(line)
+    embedded = starts_embedded_cluster(recipe.distributed.address)
+    try:
+        init_ray(recipe.distributed.address, recipe.distributed.num_workers * recipe.distributed.cpus_per_worker)
+        save_run_recipe(recipe)
+        forget_ray_run_snapshot(recipe.run_dir)
+        # On the driver's node: a lost worker node must not take the progress board (and the stop
+        # flag) with it while Ray restarts the worker group.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        board = ProgressBoard.options(scheduling_strategy=here).remote()
+        trainer = build_trainer(recipe, board)
+        with stop_on_signals(board) as signals, ProgressDisplay(board, recipe.train.max_steps,
+                                                                enabled=show_progress):
+            fit_off_the_main_thread(trainer)
+    finally:
+        if embedded:  # also when ray.init itself was interrupted half way
+            ray.shutdown(wait_for_processes=True)
     final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
     if final is None:
         raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")

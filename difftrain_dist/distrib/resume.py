@@ -2,8 +2,10 @@
 
 Re-running a recipe, `difftrain-dist resume RUN_DIR` and Ray restarting a crashed worker group all
 come here: rank 0 picks the newest valid checkpoint (setting aside newer, invalid ones), every
-rank loads it. A checkpoint written by a different number of workers is first converted into a
-DeepSpeed universal checkpoint, which DeepSpeed re-shards for the new world size.
+rank loads it. Under Ray the driver sets aside the invalid checkpoints it finds before the job
+starts and says so itself; rank 0's lines (after a restart mid-job) reach it through the progress
+board. A checkpoint written by a different number of workers is first converted into a DeepSpeed
+universal checkpoint, which DeepSpeed re-shards for the new world size.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def set_aside(info: CheckpointInfo) -> Path:
     return target
 
 
+def set_aside_skipped(skipped: list[CheckpointInfo]) -> list[str]:
+    """Set aside each checkpoint `choose_checkpoint` skipped; returns one line per checkpoint
+    saying why: `skipping checkpoint_000000012: <reason> (kept as checkpoint_000000012.invalid-<time>)`."""
+    return [f"skipping {bad.path.name}: {bad.reason} (kept as {set_aside(bad).name})" for bad in skipped]
+
+
 def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
     """The newest valid checkpoint of the run and the newer ones skipped; changes nothing.
 
@@ -75,8 +83,8 @@ def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[Check
 
 def _choose_on_rank0(recipe: Recipe) -> str | None:
     info, skipped = choose_checkpoint(recipe)
-    for bad in skipped:
-        log.warning("skipping %s: %s (kept as %s)", bad.path.name, bad.reason, set_aside(bad).name)
+    for line in set_aside_skipped(skipped):
+        log.warning("%s", line)
     return None if info is None else str(info.path)
 
 

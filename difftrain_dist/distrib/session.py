@@ -45,15 +45,21 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """SIGTERM (Kubernetes, spot reclaim, scancel) and SIGUSR1 (Slurm's `--signal=USR1@seconds`)."""
+STOP_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
+"""The signals that stop a run after the current step with a checkpoint: the preemption signals
+and SIGINT (Ctrl+C in a terminal)."""
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (handlers can only be installed from the main thread)."""
+    """Set by SIGTERM/SIGUSR1/SIGINT (handlers can only be installed from the main thread).
+
+    Repeated signals change nothing: under torchrun a Ctrl+C reaches each rank twice (from the
+    terminal and forwarded by torchrun, which kills the ranks itself 30 s later)."""
 
     def __init__(self) -> None:
         self.requested = False
         if threading.current_thread() is threading.main_thread():
-            for sig in PREEMPTION_SIGNALS:
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -64,7 +70,7 @@ class StopFlag:
 
 class LocalSession:
     """Session for launches without Ray (torchrun, srun): rank 0 prints, files are copied directly,
-    SIGTERM/SIGUSR1 to any rank stops the job after the current step with a checkpoint.
+    SIGTERM/SIGUSR1/SIGINT to any rank stops the job after the current step with a checkpoint.
 
     `run_dir` must be on storage every rank can see (a shared filesystem on multi-node launches).
     """

@@ -11,7 +11,10 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False)
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
-"""Stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL): run again to continue."""
+"""Stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint (EX_TEMPFAIL): run again to continue."""
+EXIT_INTERRUPTED = 130
+"""Aborted at once by a second stop signal (or Ctrl+C before training began): 128 + SIGINT, as
+shells report a process killed by Ctrl+C."""
 
 
 @contextlib.contextmanager
@@ -39,3 +42,14 @@ def training_errors() -> Iterator[None]:
         last = [line for line in str(cause).strip().splitlines() if line.strip()][-1:]
         console.print(f"[red]error:[/red] training failed: {last[0] if last else type(cause).__name__}")
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def interruptions(hint: str) -> Iterator[None]:
+    """Turn KeyboardInterrupt (a second Ctrl+C or stop signal, or Ctrl+C while starting) into one
+    line, `interrupted: <hint>`, and exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] {hint}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from difftrain_dist.config import Recipe, load_recipe
-from difftrain_dist.launcher.common import EXIT_PREEMPTED, console, training_errors, user_errors
+from difftrain_dist.launcher.common import EXIT_PREEMPTED, console, interruptions, training_errors, user_errors
 
 SetOption = Annotated[
     list[str] | None,
@@ -29,7 +29,8 @@ def train(
     """Train a LoRA; the file ends up in `<run.output_dir>/<run.name>.safetensors`.
 
     Re-running with the same run name and storage path resumes from the newest valid checkpoint.
-    SIGTERM or SIGUSR1 stop after the current step with a checkpoint and exit with status 75.
+    Ctrl+C (SIGINT), SIGTERM or SIGUSR1 stop after the current step with a checkpoint and exit with
+    status 75; a second one aborts at once (status 130).
     """
     overrides = list(set_ or [])
     if address:
@@ -62,14 +63,17 @@ def resume(
 
 
 def run(cfg: Recipe, progress: bool) -> None:
-    """Run a validated recipe and report the result; exit 75 when stopped by a signal."""
+    """Run a validated recipe and report the result; exit 75 when stopped by a signal, 130 when
+    aborted by a second one."""
     from difftrain_dist.distrib.ray_job import run_training
 
     console.print(
         f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "
         f"ZeRO-{cfg.distributed.zero_stage}, {cfg.train.max_steps} steps, checkpoints in {cfg.run_dir}"
     )
-    with user_errors(), training_errors():
+    aborted = (f"the step in flight was not saved; run the same command again or "
+               f"`difftrain-dist resume {cfg.run_dir}` to continue from the last checkpoint")
+    with user_errors(), training_errors(), interruptions(aborted):
         result = run_training(cfg, show_progress=progress)
     if result.preempted:
         console.print(f"[yellow]stopped at step {result.step} of {cfg.train.max_steps}[/yellow] "
