@@ -17,10 +17,12 @@ from benchmarks.common import single_rank_group, timed, tiny_assets, write_resul
 from difftrain_dist.config import CheckpointSection, recipe_from_dict
 from difftrain_dist.data_shards import ShardStream
 from difftrain_dist.distrib.checkpoint import checkpoint_name, deepspeed_tag, write_rank_manifest
+from difftrain_dist.distrib.checkpointer import Checkpointer
 from difftrain_dist.distrib.export import export_checkpoint
 from difftrain_dist.distrib.session import LocalSession
 from difftrain_dist.distrib.state import TrainState
-from difftrain_dist.distrib.worker import save_checkpoint, setup_trainee, train_micro_batch
+from difftrain_dist.distrib.step import train_step
+from difftrain_dist.distrib.trainee import setup_trainee
 from difftrain_dist.models import save_lora_file, strip_adapter_name
 
 SDXL_ATTENTION = {640: 10, 1280: 60}
@@ -42,13 +44,13 @@ def step_and_save_times(root: Path, steps: int = 20) -> dict:
     stream = ShardStream(shards, micro_batch_size=2, global_rank=0, world_size=1, seed=0)
     batches = iter(DataLoader(stream, batch_size=None))
     for _ in range(3):
-        train_micro_batch(trainee, next(batches))
-    step_s = timed(lambda: train_micro_batch(trainee, next(batches)), repeats=steps)
-    session, state = LocalSession(), TrainState()
+        train_step(trainee, batches, 1)
+    step_s = timed(lambda: train_step(trainee, batches, 1), repeats=steps)
+    checkpointer, state = Checkpointer(recipe, LocalSession()), TrainState()
 
     def save():
         state.step += 1
-        save_checkpoint(trainee, recipe, state, 0.0, session)
+        checkpointer.save(trainee, state, 0.0)
 
     save_s = timed(save, repeats=5)
     return {"step_s": step_s, "save_s": save_s, "save_over_step": save_s / step_s,

@@ -45,7 +45,8 @@ def _rank(rank: int, root: Path, model: Path, shards: Path, port: int, out: Path
     from difftrain_dist.config import recipe_from_dict
     from difftrain_dist.data_shards import ShardStream
     from difftrain_dist.distrib import engine
-    from difftrain_dist.distrib.worker import reduce_step_stats, setup_trainee, train_micro_batch
+    from difftrain_dist.distrib.step import reduce_step_stats, train_step
+    from difftrain_dist.distrib.trainee import setup_trainee
 
     plain_config = engine.deepspeed_config
 
@@ -64,10 +65,10 @@ def _rank(rank: int, root: Path, model: Path, shards: Path, port: int, out: Path
     stream = ShardStream(shards, micro_batch_size=2, global_rank=rank, world_size=WORLD, seed=0)
     batches = iter(stream)
     for _ in range(2):  # warm-up: buffers are set up on the first steps
-        reduce_step_stats(train_micro_batch(trainee, next(batches)), False)
+        reduce_step_stats(train_step(trainee, batches, 1), False)
     ds_comm.comms_logger.comms_dict.clear()
     for _ in range(STEPS):
-        reduce_step_stats(train_micro_batch(trainee, next(batches)), False)
+        reduce_step_stats(train_step(trainee, batches, 1), False)
     per_op = {name: sum(size * record[0] for size, record in sizes.items()) / STEPS
               for name, sizes in ds_comm.comms_logger.comms_dict.items()}
     lora = sum(p.numel() for p in trainee.engine.module.parameters() if p.requires_grad)

@@ -6,7 +6,7 @@ puts rank-16 LoRA on the attention projections, and trains at 1024 px on precomp
 inputs (random VAE posteriors and text embeddings of the real shapes) twice in one process:
 
 - ours: `setup_trainee` (LoRA injection, DeepSpeed engine, ZeRO-1 by default, bf16 torch_autocast) and, per
-  step, `train_micro_batch` + `reduce_step_stats`, the body of the worker loop;
+  step, `train_step` + `reduce_step_stats`, the body of the worker loop;
 - plain: the same model and LoRA (peft) with `torch.autocast(bf16)`, `torch.optim.AdamW`, grad
   clipping at 1.0 and `loss.item()` per step, written out with diffusers calls only.
 
@@ -32,7 +32,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, FluxPipeline, FluxTransforme
 
 from benchmarks.common import single_rank_group, write_result
 from difftrain_dist.config import load_recipe
-from difftrain_dist.distrib.worker import frozen_setup_objects, reduce_step_stats, setup_trainee, train_micro_batch
+from difftrain_dist.distrib.loop import frozen_setup_objects
+from difftrain_dist.distrib.step import reduce_step_stats, train_step
+from difftrain_dist.distrib.trainee import setup_trainee
 from difftrain_dist.models import get_adapter, init_tiny, inject_lora
 from difftrain_dist.models.objectives import DDPMObjective, FlowMatchingObjective, TimestepOptions
 
@@ -169,7 +171,7 @@ def run_ours(arch: str, setting: Setting, steps: int, warmup: int, zero_stage: i
     batch = fake_batch(arch, denoiser, setting)
 
     def step() -> None:
-        reduce_step_stats(train_micro_batch(trainee, batch), False, trainee.device)
+        reduce_step_stats(train_step(trainee, iter([batch]), 1), False, trainee.device)
 
     with frozen_setup_objects():  # as the worker's step loop runs
         return _measure(step, setting, steps, warmup, BATCH[arch])  # the models go with this frame

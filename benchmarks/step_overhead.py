@@ -19,13 +19,10 @@ import torch
 from benchmarks.common import single_rank_group, tiny_assets, write_result
 from difftrain_dist.config import recipe_from_dict
 from difftrain_dist.data_shards import ShardStream
-from difftrain_dist.distrib.worker import (
-    frozen_setup_objects,
-    make_loader,
-    reduce_step_stats,
-    setup_trainee,
-    train_micro_batch,
-)
+from difftrain_dist.distrib.data import make_loader
+from difftrain_dist.distrib.loop import frozen_setup_objects
+from difftrain_dist.distrib.step import reduce_step_stats, train_step
+from difftrain_dist.distrib.trainee import setup_trainee
 from difftrain_dist.models import get_adapter, inject_lora
 
 WARMUP = 5
@@ -77,7 +74,7 @@ def our_step(root: Path, model: Path, shards: Path):
         start = time.perf_counter()
         batch = next(batches)
         data_waits.append(time.perf_counter() - start)
-        return reduce_step_stats(train_micro_batch(trainee, batch), False)
+        return reduce_step_stats(train_step(trainee, iter([batch]), 1), False)
 
     return step, recipe.distributed.zero_stage, data_waits
 

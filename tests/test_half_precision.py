@@ -17,7 +17,7 @@ from difftrain_dist.config import recipe_from_dict
 from difftrain_dist.distrib.checkpoint import list_checkpoints
 from difftrain_dist.distrib.engine import deepspeed_config
 from difftrain_dist.distrib.export import lora_file_metadata
-from difftrain_dist.distrib.worker import NonFiniteLossError, check_finite_loss
+from difftrain_dist.distrib.step import NonFiniteLossError, check_finite_loss
 from difftrain_dist.models import get_adapter, read_lora_file
 from difftrain_dist.models.lora_formats import lora_prediction_type
 

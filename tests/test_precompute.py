@@ -19,7 +19,7 @@ from difftrain_dist.models import get_adapter
 def precomputed(tiny_sd15_model, photo_shards, tmp_path_factory):
     """A copy of the photo shards, precomputed on a 2-CPU local Ray cluster, and the task results."""
     ray = pytest.importorskip("ray")
-    from difftrain_dist.distrib.precompute import precompute_shards
+    from difftrain_dist.distrib.driver.precompute import precompute_shards
 
     shards = tmp_path_factory.mktemp("precomputed") / "shards"
     shutil.copytree(photo_shards, shards)
@@ -90,18 +90,18 @@ def test_sidecars_change_nothing_else(precomputed, photo_shards):
 
 
 def test_worker_uses_precomputed_batches(precomputed, adapter):
-    from difftrain_dist.distrib import worker
+    from difftrain_dist.distrib import step
 
     shards, _ = precomputed
     batch = next(iter(ShardStream(shards, micro_batch_size=2, global_rank=0, world_size=1, seed=0)))
     trainee = SimpleNamespace(adapter=adapter, device=torch.device("cpu"), precomputed_conditioning=True,
                               noise_generator=torch.Generator().manual_seed(1))
-    latents = worker._latents(trainee, batch)
+    latents = step.batch_latents(trainee, batch)
     trainee.noise_generator = torch.Generator().manual_seed(1)
     pixels_only = {k: v for k, v in batch.items() if k not in ("latent_parameters", "conditioning")}
-    torch.testing.assert_close(latents, worker._latents(trainee, pixels_only), atol=1e-5, rtol=0)
+    torch.testing.assert_close(latents, step.batch_latents(trainee, pixels_only), atol=1e-5, rtol=0)
     # conditioning is taken from the batch only when the recipe leaves captions as stored
     marker = {"encoder_hidden_states": torch.zeros(2, 77, 1)}
-    assert worker._conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] == 1
+    assert step.batch_conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] == 1
     trainee.precomputed_conditioning = False
-    assert worker._conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] != 1
+    assert step.batch_conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] != 1

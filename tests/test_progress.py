@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from difftrain_dist.distrib.progress import BoardLogHandler, note_text
+from difftrain_dist.distrib.driver.progress import BoardLogHandler, note_text
 
 
 def test_a_restarted_worker_group_is_named_with_its_attempt_and_checkpoint():

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from difftrain_dist.distrib.checkpoint import list_checkpoints
-from difftrain_dist.distrib.ray_job import init_ray
+from difftrain_dist.distrib.driver.ray_job import init_ray
 from difftrain_dist.distrib.session import LocalSession
 
 from .procs import Output, assert_no_processes_left, cli, marked_env, marked_processes, wait_for_checkpoint

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from difftrain_dist.distrib.checkpoint import inspect_checkpoint, list_checkpoints
+from difftrain_dist.distrib.export import export_valid_checkpoint
 from difftrain_dist.models import read_lora_file
 
 from .lora_checks import hand_merged_unet, outputs_without_and_with_lora, unet_output
@@ -72,9 +73,15 @@ def test_checkpoints_follow_the_contract(trained_run):
 
 
 def test_exported_lora_equals_in_memory_lora_of_last_checkpoint(trained_run):
+    """The final file is the last checkpoint's lora.safetensors (written from the in-memory
+    weights); consolidating the DeepSpeed shards instead (the fallback) gives the same weights."""
     work, _ = trained_run
-    exported, header = read_lora_file(work / "out" / "tiny.safetensors")
-    in_memory, _ = read_lora_file(work / "runs" / "tiny" / "checkpoint_000000004" / "lora.safetensors")
+    ckpt = work / "runs" / "tiny" / "checkpoint_000000004"
+    assert (work / "out" / "tiny.safetensors").read_bytes() == (ckpt / "lora.safetensors").read_bytes()
+    from_shards = export_valid_checkpoint(inspect_checkpoint(ckpt), work / "from_shards.safetensors",
+                                          from_shards=True)
+    exported, header = read_lora_file(from_shards)
+    in_memory, _ = read_lora_file(ckpt / "lora.safetensors")
     assert exported.keys() == in_memory.keys() and len(exported) > 0
     for key, value in exported.items():
         torch.testing.assert_close(value, in_memory[key], atol=0, rtol=0)
@@ -132,8 +139,11 @@ def test_torchrun_worker_zero3_without_ray(tmp_path, tiny_sd15_model, photo_shar
     proc = subprocess.run(torchrun(2, "worker", "r.yaml"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "step 3/3  loss" in proc.stderr
-    exported, _ = read_lora_file(tmp_path / "out" / "tr.safetensors")
-    in_memory, _ = read_lora_file(tmp_path / "runs" / "tr" / "checkpoint_000000003" / "lora.safetensors")
+    ckpt = tmp_path / "runs" / "tr" / "checkpoint_000000003"
+    assert (tmp_path / "out" / "tr.safetensors").read_bytes() == (ckpt / "lora.safetensors").read_bytes()
+    exported, _ = read_lora_file(export_valid_checkpoint(inspect_checkpoint(ckpt), tmp_path / "shards.safetensors",
+                                                         from_shards=True))
+    in_memory, _ = read_lora_file(ckpt / "lora.safetensors")
     assert exported.keys() == in_memory.keys() and len(exported) > 0
     for key, value in exported.items():
         torch.testing.assert_close(value, in_memory[key], atol=0, rtol=0)

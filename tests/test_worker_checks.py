@@ -15,12 +15,9 @@ import yaml
 from difftrain_dist.config import load_recipe
 from difftrain_dist.data_shards import ShardIndex, ShardStream
 from difftrain_dist.data_shards.precomputed import Precomputed
-from difftrain_dist.distrib.worker import (
-    check_data_fits_model,
-    frozen_setup_objects,
-    make_loader,
-    precomputed_text_unusable,
-)
+from difftrain_dist.distrib.data import check_data_fits_model, make_loader
+from difftrain_dist.distrib.loop import frozen_setup_objects
+from difftrain_dist.distrib.trainee import precomputed_text_unusable
 
 
 def _recipe(tmp_path: Path, model_path: Path, shards: Path, arch: str = "sd15", **sections):

@@ -121,6 +121,18 @@ class ShardStream(IterableDataset):
                               num_workers=self._readers_per_rank, micro_batch_size=micro_batch_size)
         self._resume_cursor()  # fail early on a cursor past the epoch end
 
+    def resume_at(self, epoch: int, batch_in_epoch: int) -> None:
+        """Start iterating at batch `batch_in_epoch` of `epoch` (a resumed run's data cursor)
+        instead of the cursor given at construction; call before iterating.
+
+        Raises:
+            ValueError: a negative cursor, or one past the end of the epoch.
+        """
+        _check_int("start_epoch", epoch, 0)
+        _check_int("start_batch", batch_in_epoch, 0)
+        self.start_epoch, self.start_batch = epoch, batch_in_epoch
+        self._resume_cursor()
+
     @property
     def batches_per_epoch(self) -> int:
         """Batches this rank yields per epoch, all its loader workers together (same every epoch)."""

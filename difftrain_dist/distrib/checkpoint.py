@@ -1,4 +1,5 @@
-"""The checkpoint contract: per-rank manifests, validation, resume selection and retention.
+"""The checkpoint contract on disk: per-rank manifests, validation, choosing the checkpoint to
+resume from, setting invalid ones aside, and retention.
 
 Layout (see DESIGN.md)::
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from difftrain_dist.config import Recipe, changed_fields
 from difftrain_dist.data_shards.index import sha256_file
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9})$")
@@ -192,15 +195,66 @@ def find_resume_checkpoint(
     return None, skipped
 
 
-def apply_retention(run_dir: Path, keep_last: int | None, recipe_hash: str | None = None) -> list[Path]:
+def apply_retention(run_dir: Path, keep_last: int | None, recipe_hash: str | None = None,
+                    known: dict[Path, CheckpointInfo] | None = None) -> list[Path]:
     """Delete valid checkpoints older than the `keep_last` newest valid ones; returns what was removed.
 
     Invalid folders are left for inspection; the newest valid checkpoint is never removed.
+    `known`: checkpoints the caller has validated already, by path; they are not read again, and
+    the folders validated here are added to it.
     """
     if keep_last is None:
         return []
-    valid = [c for c in list_checkpoints(run_dir, recipe_hash) if c.valid]
+    known = {} if known is None else known
+    for folder in checkpoint_folders(run_dir):
+        if folder not in known:
+            known[folder] = inspect_checkpoint(folder, recipe_hash)
+    valid = [known[folder] for folder in checkpoint_folders(run_dir) if known[folder].valid]
     doomed = valid[: max(0, len(valid) - max(1, keep_last))]
     for info in doomed:
         shutil.rmtree(info.path, ignore_errors=True)
+        known.pop(info.path, None)
     return [c.path for c in doomed]
+
+
+def set_aside(info: CheckpointInfo) -> Path:
+    """Rename an invalid checkpoint folder out of the way (never delete it): `<name>.invalid-<time>`."""
+    target = info.path.with_name(f"{info.path.name}.invalid-{int(time.time())}")
+    info.path.rename(target)
+    return target
+
+
+def set_aside_skipped(skipped: list[CheckpointInfo]) -> list[str]:
+    """Set aside each checkpoint `choose_checkpoint` skipped; returns one line per checkpoint
+    saying why: `skipping checkpoint_000000012: <reason> (kept as checkpoint_000000012.invalid-<time>)`."""
+    return [f"skipping {bad.path.name}: {bad.reason} (kept as {set_aside(bad).name})" for bad in skipped]
+
+
+def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[CheckpointInfo]]:
+    """The newest valid checkpoint of the run and the newer ones skipped; changes nothing.
+
+    Raises:
+        ValueError: the run folder holds intact checkpoints, but all of another recipe (the
+            message names the changed fields), or the recipe cannot continue from the newest one.
+    """
+    info, skipped = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
+    if info is None and (other := next((s for s in skipped if s.recipe_mismatch), None)):
+        changed = changed_fields(other.manifests[0].get("resume_identity", {}), recipe.resume_identity())
+        raise ValueError(
+            f"{recipe.run_dir} holds checkpoints of another recipe (changed: {', '.join(changed) or 'unknown'}); "
+            "put those settings back to continue it, or choose another run.name"
+        )
+    if info is not None:
+        check_compatible(info, recipe)
+    return info, skipped
+
+
+def check_compatible(info: CheckpointInfo, recipe: Recipe) -> None:
+    """Raise ValueError when the run cannot continue from `info` with this recipe's settings."""
+    stage = info.manifests[0].get("zero_stage")
+    if stage != recipe.distributed.zero_stage:
+        raise ValueError(
+            f"distributed.zero_stage: {info.path.name} was written with ZeRO-{stage}, this run asks for "
+            f"ZeRO-{recipe.distributed.zero_stage}; changing the ZeRO stage on resume is not supported "
+            f"(set distributed.zero_stage={stage})"
+        )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from difftrain_dist.distrib.checkpoint import LORA_FILE, deepspeed_tag, inspect_checkpoint
+from difftrain_dist.distrib.checkpoint import LORA_FILE, CheckpointInfo, deepspeed_tag, inspect_checkpoint
 from difftrain_dist.models import (
     MODELSPEC_PREDICTION_TYPES,
     get_adapter,
@@ -91,7 +92,7 @@ def _consolidated_lora_weights(ckpt_dir: Path, step: int, zero_stage: int) -> di
 
 
 def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) -> Path:
-    """Consolidate a valid checkpoint's DeepSpeed shards into a LoRA file.
+    """Validate a checkpoint and write its LoRA file (see `export_valid_checkpoint`).
 
     Args:
         ckpt_dir: a `checkpoint_{step:09d}` folder.
@@ -100,7 +101,8 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) ->
             "kohya" (`lora_unet_*` with `.alpha`); None: the architecture's `lora_file_format`.
 
     Raises:
-        ValueError: unknown format, or the checkpoint is invalid (the reason is given).
+        ValueError: unknown format, an output path inside the checkpoint or naming a folder, or
+            the checkpoint is invalid (the reason is given).
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -112,6 +114,22 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) ->
     info = inspect_checkpoint(Path(ckpt_dir))
     if not info.valid:
         raise ValueError(f"checkpoint {ckpt_dir} is not valid: {info.reason}")
+    return export_valid_checkpoint(info, out_path, fmt)
+
+
+def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | None = None, *,
+                            from_shards: bool = False) -> Path:
+    """Write the LoRA file of a checkpoint `inspect_checkpoint` found valid.
+
+    In the architecture's own format (`fmt` None or equal to it) this is the checkpoint's
+    `lora.safetensors`, copied (written at save time from the in-memory weights; its sha256 was
+    checked with the checkpoint). In the other format the weights are consolidated from the
+    DeepSpeed shards (`zero_to_fp32`), as for a checkpoint without a LoRA file, or when
+    `from_shards`.
+
+    Raises:
+        ValueError: kohya asked for an architecture without a kohya layout, or no LoRA weights.
+    """
     manifest = info.manifests[0]
     recipe = manifest["recipe"]
     adapter = get_adapter(recipe["model"]["arch"])
@@ -119,16 +137,18 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) ->
     if fmt == "kohya" and not adapter.kohya_prefixes:
         raise ValueError(f"--format kohya: not available for {adapter.arch}: diffusers has no loader for "
                          f"kohya-style {adapter.arch} files; use --format diffusers (ComfyUI loads it as well)")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    saved = info.path / LORA_FILE
+    if fmt == adapter.lora_file_format and saved.is_file() and not from_shards:
+        partial = out_path.with_name(out_path.name + ".partial")
+        shutil.copyfile(saved, partial)
+        partial.replace(out_path)
+        return out_path
     weights = _consolidated_lora_weights(info.path, info.step, manifest["zero_stage"])
     if not weights:
-        raise ValueError(f"checkpoint {ckpt_dir} holds no LoRA weights")
-    if "lora_configs" in manifest:
-        configs = manifest["lora_configs"]
-    else:  # written by difftrain-dist 0.1: the denoiser only, names without the component
-        configs = {adapter.lora_prefix: manifest["lora_config"]}
-        prefix = adapter.lora_prefix + "."
-        weights = {key if key.startswith(prefix) else prefix + key: value for key, value in weights.items()}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"checkpoint {info.path} holds no LoRA weights")
+    configs = manifest["lora_configs"]
     return save_lora_file(
         out_path,
         weights,

@@ -1,7 +1,7 @@
 """How a worker reports progress and persists checkpoints, with or without Ray.
 
 The train loop only talks to a :class:`WorkerSession`; Ray Train supplies one
-(:class:`difftrain_dist.distrib.ray_job.RaySession`), and torchrun/srun launches use
+(:class:`difftrain_dist.distrib.driver.ray_job.RaySession`), and torchrun/srun launches use
 :class:`LocalSession`, which copies each rank's files into the run folder itself.
 """
 

@@ -87,7 +87,7 @@ def precompute_cmd(
 
 def _precompute(shards_dir: Path, model_path: str, arch: str | None, address: str | None,
                 workers: int | None) -> None:
-    from difftrain_dist.distrib.precompute import run_precompute, summary
+    from difftrain_dist.distrib.driver.precompute import run_precompute, summary
     from difftrain_dist.models.registry import checked_arch
 
     with user_errors():

@@ -65,7 +65,7 @@ def resume(
 def run(cfg: Recipe, progress: bool) -> None:
     """Run a validated recipe and report the result; exit 75 when stopped by a signal, 130 when
     aborted by a second one."""
-    from difftrain_dist.distrib.ray_job import run_training
+    from difftrain_dist.distrib.driver.ray_job import run_training
 
     console.print(
         f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "

@@ -19,7 +19,7 @@ def worker(
     or under `srun`. Rank 0 writes the LoRA file at the end."""
     with user_errors():
         cfg = load_recipe(recipe, list(set_ or []))
-        from difftrain_dist.distrib.local_launch import run_local_worker
+        from difftrain_dist.distrib.driver.local_launch import run_local_worker
 
         path, stopped_early = run_local_worker(cfg)
     if stopped_early:

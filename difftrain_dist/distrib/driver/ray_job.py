@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
-from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint
-from difftrain_dist.distrib.export import export_checkpoint
-from difftrain_dist.distrib.progress import ProgressBoard, ProgressDisplay, logs_to_board, say
-from difftrain_dist.distrib.resume import choose_checkpoint, set_aside_skipped
+from difftrain_dist.distrib.checkpoint import choose_checkpoint, set_aside_skipped
+from difftrain_dist.distrib.data import check_data_fits_model
+from difftrain_dist.distrib.driver.finish import TrainingResult, finish_run
+from difftrain_dist.distrib.driver.progress import ProgressBoard, ProgressDisplay, logs_to_board, say
+from difftrain_dist.distrib.loop import train_worker
 from difftrain_dist.distrib.session import STOP_SIGNALS
-from difftrain_dist.distrib.worker import check_data_fits_model, train_worker
 from difftrain_dist.quiet import quiet_env
 
 
@@ -71,18 +70,6 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     board = config["board"]
     with logs_to_board(board, ray.train.get_context().get_world_rank()):
         train_worker(recipe, RaySession(board))
-
-
-@dataclass
-class TrainingResult:
-    """What a run left behind."""
-
-    lora_path: Path
-    """`output_dir/<name>.safetensors`; for a preempted run, the last checkpoint's LoRA."""
-    checkpoint: Path
-    step: int
-    preempted: bool
-    """True when a stop signal ended the run before `train.max_steps` (re-run to continue)."""
 
 
 def starts_embedded_cluster(address: str | None) -> bool:
@@ -199,18 +186,20 @@ def stop_on_signals(board) -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def fit_off_the_main_thread(trainer: TorchTrainer) -> None:
+def fit_off_the_main_thread(trainer: TorchTrainer) -> ray.train.Result:
     """`trainer.fit()` in a helper thread; the main thread waits, so that the signals reach
     `stop_on_signals`. On the main thread Ray Train installs its own SIGINT handler, which aborts
     the run without a checkpoint (and the driver exits 1); it leaves other threads alone.
 
-    Raises what `fit` raised; KeyboardInterrupt (a second signal) while `fit` still runs.
+    Returns what `fit` returned. Raises what `fit` raised; KeyboardInterrupt (a second signal)
+    while `fit` still runs.
     """
     failure: list[BaseException] = []
+    result: list[ray.train.Result] = []
 
     def fit() -> None:
         try:
-            trainer.fit()
+            result.append(trainer.fit())
         except BaseException as err:  # handed to the main thread
             failure.append(err)
 
@@ -220,6 +209,7 @@ def fit_off_the_main_thread(trainer: TorchTrainer) -> None:
         thread.join(timeout=0.5)  # signal handlers run in between
     if failure:
         raise failure[0]
+    return result[0]
 
 
 def forget_ray_run_snapshot(run_dir: Path) -> None:
@@ -274,15 +264,10 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
         trainer = build_trainer(recipe, board)
         with stop_on_signals(board) as signals, ProgressDisplay(board, recipe.train.max_steps,
                                                                 enabled=show_progress):
-            fit_off_the_main_thread(trainer)
+            result = fit_off_the_main_thread(trainer)
     finally:
         if embedded:  # also when ray.init itself was interrupted half way
             ray.shutdown(wait_for_processes=True)
-    final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
-    if final is None:
-        raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")
-    preempted = bool(signals) and final.step < recipe.train.max_steps
-    lora_path = final.path / LORA_FILE  # an unfinished run leaves the final name alone
-    if not preempted:
-        lora_path = export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
-    return TrainingResult(lora_path=lora_path, checkpoint=final.path, step=final.step, preempted=preempted)
+    # Ray's last reported checkpoint, by name in our run folder (Ray may spell the path otherwise)
+    last = recipe.run_dir / Path(result.checkpoint.path).name if result.checkpoint else None
+    return finish_run(recipe, last, stopped_early=bool(signals))

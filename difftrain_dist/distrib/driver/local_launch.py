@@ -10,10 +10,10 @@ import torch.distributed as dist
 
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
-from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint
-from difftrain_dist.distrib.export import export_checkpoint
+from difftrain_dist.distrib.data import check_data_fits_model
+from difftrain_dist.distrib.driver.finish import finish_run
+from difftrain_dist.distrib.loop import train_worker
 from difftrain_dist.distrib.session import LocalSession
-from difftrain_dist.distrib.worker import check_data_fits_model, train_worker
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
 
@@ -50,11 +50,7 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         dist.barrier()
         if dist.get_rank() != 0:
             return None, result.stopped_early
-        final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
-        if final is None:
-            raise RuntimeError(f"training finished but {recipe.run_dir} holds no valid checkpoint")
-        if result.stopped_early:  # an unfinished run leaves the final name alone
-            return final.path / LORA_FILE, True
-        return export_checkpoint(final.path, recipe.run.output_dir / f"{recipe.run.name}.safetensors"), False
+        done = finish_run(recipe, result.checkpoint, stopped_early=result.stopped_early)
+        return done.lora_path, done.preempted
     finally:
         dist.destroy_process_group()

@@ -140,7 +140,7 @@ def run_precompute(shards_dir: str | os.PathLike[str], model_path: str, *, arch:
                    address: str | None = None, num_workers: int | None = None) -> list[ShardResult]:
     """`precompute_shards` on the cluster at `address` (or RAY_ADDRESS), else on an embedded local
     one that is shut down afterwards."""
-    from difftrain_dist.distrib.ray_job import init_ray
+    from difftrain_dist.distrib.driver.ray_job import init_ray
 
     ShardIndex.load(shards_dir)  # fail on a bad folder or arch before starting a cluster
     get_adapter(arch)

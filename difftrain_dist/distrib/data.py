@@ -1,0 +1,88 @@
+"""The rank's data: its shard stream and loader, the batches that move the data cursor, and the
+checks that the shards suit the model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from difftrain_dist.config import Recipe
+from difftrain_dist.data_shards import ShardIndex, ShardStream
+from difftrain_dist.distrib.state import TrainState
+from difftrain_dist.distrib.trainee import precomputed_text_unusable
+from difftrain_dist.models import get_adapter
+
+log = logging.getLogger("difftrain_dist")
+
+
+def make_stream(recipe: Recipe, state: TrainState | None = None) -> ShardStream:
+    """This rank's stream over `data.shards`, starting at `state`'s data cursor (default: the start)."""
+    state = state or TrainState()
+    data = recipe.data
+    return ShardStream(
+        data.shards,
+        micro_batch_size=data.micro_batch_size,
+        global_rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        seed=recipe.run.seed,
+        start_epoch=state.epoch,
+        start_batch=state.batch_in_epoch,
+        num_workers=data.loader_workers,
+        caption_dropout=data.caption_dropout,
+        shuffle_captions=data.shuffle_captions,
+        keep_tokens=data.keep_tokens,
+        trigger_word=data.trigger_word,
+    )
+
+
+def make_loader(stream: ShardStream, recipe: Recipe) -> DataLoader:
+    """The rank's DataLoader over its stream (batches are made by the stream: batch_size None).
+
+    It has its own generator: starting an iterator draws a base seed, which must not come from
+    the global torch RNG that LoRA dropout draws from (restored on resume just before)."""
+    return DataLoader(stream, batch_size=None, num_workers=recipe.data.loader_workers,
+                      generator=torch.Generator().manual_seed(recipe.run.seed))
+
+
+def cursor_batches(loader: DataLoader, state: TrainState, batches_per_epoch: int) -> Iterator[dict[str, Any]]:
+    """The loader's batches; each one drawn moves `state`'s data cursor past it (a checkpoint
+    saved after the step that used it resumes with the next one)."""
+    for batch in loader:
+        state.advance(batch["epoch"], batch["batch_in_epoch"], len(batch["captions"]), batches_per_epoch)
+        yield batch
+
+
+def check_data_fits_model(recipe: Recipe, index: ShardIndex) -> None:
+    """Before anything starts: the shards suit the model. Raises ValueError when they were
+    precomputed for another architecture, or hold a bucket whose sides the architecture cannot
+    take (SD3 and FLUX need multiples of 16 px: 2×2 latent patches)."""
+    arch = recipe.model.arch
+    pre = index.precomputed
+    if pre is not None and pre.arch != arch:
+        raise ValueError(f"data.shards: {recipe.data.shards} was precomputed for arch {pre.arch!r}, but model.arch "
+                         f"is {arch!r}; run `difftrain-dist shards precompute {recipe.data.shards} MODEL` again")
+    multiple = get_adapter(arch).pixel_multiple
+    bad = [name for name in index.bucket_names if any(int(side) % multiple for side in name.split("x"))]
+    if bad:
+        raise ValueError(f"data.shards: buckets {bad} have sides that are not multiples of {multiple} px, which "
+                         f"{arch} needs; rebuild the shards with --bucket-step {max(multiple, 64)}")
+
+
+def report_precomputed_use(recipe: Recipe, index: ShardIndex) -> None:
+    """Rank 0: say what of the precomputed data this run uses; warn when it came from another model path."""
+    pre = index.precomputed
+    if pre is None or dist.get_rank() != 0:
+        return
+    local = Path(recipe.model.path).expanduser()
+    model = str(local.resolve()) if local.exists() else str(recipe.model.path)
+    if pre.model != model:
+        log.warning("data.shards was precomputed with model %s, training uses %s", pre.model, model)
+    if pre.conditioning and (reason := precomputed_text_unusable(recipe)):
+        log.warning("precomputed text embeddings are not used (%s): captions are encoded at each step; "
+                    "the precomputed VAE latents are used", reason)
