@@ -76,47 +76,55 @@ def rayjob_manifest(recipe: Recipe, options: K8sOptions) -> str:
     workers × gpus_per_worker (one training worker per GPU). Model and shard paths are kept as
     given: they must be valid inside the pods (the volume, or hub ids).
     """
-    o = options
     name = k8s_name(recipe.run.name)
-    gpu = o.gpus_per_worker > 0
+    return yaml.dump_all([_config_map(recipe, options, name), _rayjob(options, name)], Dumper=_PlainDumper,
+                         sort_keys=False)
+
+
+def _config_map(recipe: Recipe, o: K8sOptions, name: str) -> dict[str, Any]:
+    """The ConfigMap holding the recipe as the pods see it (paths on the volume, one worker per GPU)."""
     raw = recipe.model_dump(mode="json")
     raw["run"]["storage_path"] = f"{o.storage_mount}/runs"
     raw["run"]["output_dir"] = f"{o.storage_mount}/outputs"
     raw["distributed"].update(
         num_workers=o.workers * max(o.gpus_per_worker, 1),
-        use_gpu=gpu,
+        use_gpu=o.gpus_per_worker > 0,
         cpus_per_worker=max(1, o.cpus_per_worker // max(o.gpus_per_worker, 1) - 1),
         address=None,
     )
-    config_map = {
+    return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": f"{name}-recipe", "namespace": o.namespace, "labels": {"app": "difftrain-dist"}},
         "data": {"recipe.yaml": yaml.safe_dump(raw, sort_keys=False)},
     }
+
+
+def _pod(o: K8sOptions, name: str, container: str, resources: dict[str, str]) -> dict[str, Any]:
+    """A Ray pod template: the image, its resources, the shared volume and the recipe mounted."""
     volumes = [
         {"name": "storage", "persistentVolumeClaim": {"claimName": o.storage_claim}},
         {"name": "recipe", "configMap": {"name": f"{name}-recipe"}},
     ]
-    mounts = [{"name": "storage", "mountPath": o.storage_mount},
-              {"name": "recipe", "mountPath": RECIPE_MOUNT, "readOnly": True}]
-    env_from = [{"secretRef": {"name": o.secret}}] if o.secret else []
+    spec: dict[str, Any] = {
+        "name": container,
+        "image": o.image,
+        "resources": {"limits": resources, "requests": resources},
+        "volumeMounts": [{"name": "storage", "mountPath": o.storage_mount},
+                         {"name": "recipe", "mountPath": RECIPE_MOUNT, "readOnly": True}],
+    }
+    if o.secret:
+        spec["envFrom"] = [{"secretRef": {"name": o.secret}}]
+    return {"spec": {"containers": [spec], "volumes": volumes}}
+
+
+def _rayjob(o: K8sOptions, name: str) -> dict[str, Any]:
+    """The RayJob: a head without GPUs and one fixed-size worker group running `train`."""
+    gpu = o.gpus_per_worker > 0
     worker_resources = {"cpu": str(o.cpus_per_worker), "memory": o.memory_per_worker}
     if gpu:
         worker_resources["nvidia.com/gpu"] = str(o.gpus_per_worker)
-
-    def pod(container: str, resources: dict[str, str]) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "name": container,
-            "image": o.image,
-            "resources": {"limits": resources, "requests": resources},
-            "volumeMounts": mounts,
-        }
-        if env_from:
-            spec["envFrom"] = env_from
-        return {"spec": {"containers": [spec], "volumes": volumes}}
-
-    rayjob = {
+    return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {"name": name, "namespace": o.namespace, "labels": {"app": "difftrain-dist"}},
@@ -129,7 +137,7 @@ def rayjob_manifest(recipe: Recipe, options: K8sOptions) -> str:
                 "rayVersion": version("ray"),
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
-                    "template": pod("ray-head", {"cpu": "4", "memory": "16Gi"}),
+                    "template": _pod(o, name, "ray-head", {"cpu": "4", "memory": "16Gi"}),
                 },
                 "workerGroupSpecs": [{
                     "groupName": "gpu-workers" if gpu else "cpu-workers",
@@ -137,9 +145,8 @@ def rayjob_manifest(recipe: Recipe, options: K8sOptions) -> str:
                     "minReplicas": o.workers,
                     "maxReplicas": o.workers,
                     "rayStartParams": {},
-                    "template": pod("ray-worker", worker_resources),
+                    "template": _pod(o, name, "ray-worker", worker_resources),
                 }],
             },
         },
     }
-    return yaml.dump_all([config_map, rayjob], Dumper=_PlainDumper, sort_keys=False)

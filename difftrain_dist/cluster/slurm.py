@@ -16,6 +16,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from difftrain_dist.cluster.templates import render_template
 from difftrain_dist.config import Recipe
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
@@ -90,53 +91,6 @@ def sbatch_script(recipe: Recipe, recipe_path: Path, options: SlurmOptions) -> s
         ['"$PYTHON" -m difftrain_dist train "$RECIPE" --address "$HEAD_IP:$PORT" --no-progress',
          *(f"--set {shlex.quote(item)}" for item in overrides)]
     )
-    return f"""#!/bin/bash
-# Written by `difftrain-dist cluster slurm` for run {name}: Ray over the allocation, then
-# `difftrain-dist train`. USR1 (time limit) or TERM (preemption) makes the run save a checkpoint
-# and exit 75; the job then requeues itself and the next start resumes run {name}.
-{chr(10).join(sbatch)}
-set -uo pipefail
-
-PYTHON=${{DIFFTRAIN_PYTHON:-python}}
-RAY=${{RAY:-ray}}
-RECIPE={shlex.quote(str(recipe_path))}
-PORT={o.ray_port}
-mkdir -p {shlex.quote(o.log_dir)}
-
-mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-HEAD=${{NODES[0]}}
-HEAD_IP=$(srun --overlap --nodes=1 --ntasks=1 -w "$HEAD" hostname --ip-address | awk '{{print $1}}')
-echo "run {name}: Ray head on $HEAD ($HEAD_IP:$PORT), ${{#NODES[@]}} node(s), start ${{SLURM_RESTART_COUNT:-0}}"
-
-srun --overlap --nodes=1 --ntasks=1 -w "$HEAD" \\
-    "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$PORT" \\
-    --num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus={o.gpus_per_node} --block &
-sleep "${{RAY_START_WAIT:-20}}"
-for NODE in "${{NODES[@]:1}}"; do
-    srun --overlap --nodes=1 --ntasks=1 -w "$NODE" \\
-        "$RAY" start --address="$HEAD_IP:$PORT" \\
-        --num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus={o.gpus_per_node} --block &
-done
-sleep "${{RAY_START_WAIT:-20}}"
-
-{train} &
-DRIVER=$!
-trap 'echo "USR1: time limit near, run {name} saves a checkpoint"; kill -USR1 "$DRIVER"' USR1
-trap 'echo "TERM: preempted, run {name} saves a checkpoint"; kill -TERM "$DRIVER"' TERM
-STATUS=0
-while kill -0 "$DRIVER" 2>/dev/null; do
-    wait "$DRIVER"
-    STATUS=$?
-done
-trap - USR1 TERM
-
-srun --overlap --nodes="${{#NODES[@]}}" --ntasks="${{#NODES[@]}}" "$RAY" stop --force
-kill $(jobs -p) 2>/dev/null
-wait
-
-if [ "$STATUS" -eq 75 ]; then
-    echo "run {name} stopped with a checkpoint: requeueing job $SLURM_JOB_ID to resume it"
-    scontrol requeue "$SLURM_JOB_ID"
-fi
-exit "$STATUS"
-"""
+    return render_template("sbatch.sh", name=name, sbatch_lines="\n".join(sbatch), recipe=shlex.quote(str(recipe_path)),
+                           log_dir=shlex.quote(o.log_dir), port=str(o.ray_port), gpus_per_node=str(o.gpus_per_node),
+                           train=train)

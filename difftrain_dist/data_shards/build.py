@@ -69,20 +69,11 @@ class BuildOptions:
 
 
 def build_shards(
-    src: str | Path | Sequence[str | Path],
-    out: Path,
-    *,
-    resolution: int | Sequence[int],
-    caption_ext: str = ".txt",
-    default_caption: str | None = None,
-    missing_caption: str | None = None,
-    trigger_word: str | None = None,
-    num_repeats: int = 1,
-    small_images: str = "upscale",
-    bucket_step: int = DEFAULT_BUCKET_STEP,
-    max_aspect: float = DEFAULT_MAX_ASPECT,
-    samples_per_shard: int = 1000,
-    allow_shell_urls: bool = False,
+    src: str | Path | Sequence[str | Path], out: Path, *, resolution: int | Sequence[int],
+    caption_ext: str = ".txt", default_caption: str | None = None, missing_caption: str | None = None,
+    trigger_word: str | None = None, num_repeats: int = 1, small_images: str = "upscale",
+    bucket_step: int = DEFAULT_BUCKET_STEP, max_aspect: float = DEFAULT_MAX_ASPECT,
+    samples_per_shard: int = 1000, allow_shell_urls: bool = False,
 ) -> ShardIndex:
     """Convert image folders and/or tars into `out/shard-%06d.tar` and `out/index.json`.
 
@@ -93,14 +84,14 @@ def build_shards(
             bucket chosen among that resolution's candidates (see buckets.py).
         caption_ext: caption file extension, with the dot (folder sources).
         default_caption: caption for inputs without one (used when missing_caption is "default").
-        missing_caption: "skip" (report and leave out), "default" (use default_caption) or "error"
-            (fail, listing every such input; folders are checked before anything is written).
-            None means "default" when default_caption is given, else "skip".
+        missing_caption: "skip" (report and leave out), "default" (use default_caption) or "error" (fail,
+            listing every such input; folders are checked before anything is written). None means
+            "default" when default_caption is given, else "skip".
         trigger_word: replaces `[trigger]` and `[name]` in captions; None leaves them for the reader.
-        num_repeats: times the reader yields each of these samples per epoch (ai-toolkit's
-            `num_repeats`), stored per shard in index.json.
-        small_images: "upscale" images smaller than their bucket (listed in `index.upscaled`), or
-            "skip" them (listed in `index.skipped`); per resolution.
+        num_repeats: times the reader yields each of these samples per epoch (ai-toolkit's `num_repeats`),
+            stored per shard in index.json.
+        small_images: "upscale" images smaller than their bucket (listed in `index.upscaled`), or "skip"
+            them (listed in `index.skipped`); per resolution.
         bucket_step, max_aspect: bucket size step (px) and largest long/short side ratio.
         samples_per_shard: samples per tar (the last one may hold fewer).
         allow_shell_urls: allow `pipe:` sources, which run a shell command.
@@ -109,45 +100,48 @@ def build_shards(
         The index that was written (its `root` is `out`).
 
     Raises:
-        ValueError: an option is out of range (naming it), a source is missing or refused, `out` is
-            a file or already holds shards / index.json, or missing_caption is "error" and some
-            inputs have no caption (no index is written then). Bad inputs never raise: they are
-            listed in `index.skipped` with a kind and reason, and logged as warnings. Reasons
-            hold no memory addresses or times: the same inputs and options give the same
-            index.json bytes.
+        ValueError: an option is out of range (naming it), a source is missing or refused, `out` is a file
+            or already holds shards / index.json, or missing_caption is "error" and some inputs have no
+            caption (no index is written then). Bad inputs never raise: they are listed in
+            `index.skipped` with a kind and reason, and logged as warnings. Reasons hold no memory
+            addresses or times: the same inputs and options give the same index.json bytes.
     """
     out = Path(out)
     opts = _options(resolution, caption_ext, default_caption, missing_caption, trigger_word,
                     num_repeats, small_images, bucket_step, max_aspect, samples_per_shard)
     _check_out(out)
     sources = resolve_sources(src, allow_shell_urls=allow_shell_urls)
-    if opts.missing_caption == "error":
-        missing = [m for s in sources if s.kind == "folder"
-                   for m in folder_missing_captions(Path(s.location), out, caption_ext)]
-        if missing:
-            raise _missing_caption_error(missing)
+    _check_folder_captions(sources, out, opts)
     out.mkdir(parents=True, exist_ok=True)
     sink = _ShardSink(out, samples_per_shard)
-    skipped: list[SkippedInput] = []
-    upscaled: list[UpscaledInput] = []
     missing: list[str] = []
     try:
-        for item in iter_inputs(sources, out, caption_ext):
-            samples, skips, upscales = _prepare_all(item, opts, missing)
-            for skip in skips:
-                skipped.append(SkippedInput(item.source, skip.reason, skip.kind))
-                log.warning("skipping %s: %s", item.source, skip.reason)
-            for res, reason in upscales:
-                upscaled.append(UpscaledInput(item.source, res, reason))
-                log.info("upscaling %s: %s", item.source, reason)
-            for sample, bucket in samples:
-                sink.write(sample, bucket)
+        skipped, upscaled = _write_samples(iter_inputs(sources, out, caption_ext), opts, sink, missing)
     finally:
         sink.close()
     if missing:  # only tar inputs get here: folders were checked up front
         sink.discard()
         raise _missing_caption_error(missing)
     return _write_index(out, sink, skipped, upscaled, opts)
+
+
+def _write_samples(items, opts: BuildOptions, sink: _ShardSink,
+                   missing: list[str]) -> tuple[list[SkippedInput], list[UpscaledInput]]:
+    """Prepare every input and write its samples; returns what was skipped and what upscaled
+    (each also logged). Inputs without a caption under missing_caption "error" go to `missing`."""
+    skipped: list[SkippedInput] = []
+    upscaled: list[UpscaledInput] = []
+    for item in items:
+        samples, skips, upscales = _prepare_all(item, opts, missing)
+        for skip in skips:
+            skipped.append(SkippedInput(item.source, skip.reason, skip.kind))
+            log.warning("skipping %s: %s", item.source, skip.reason)
+        for res, reason in upscales:
+            upscaled.append(UpscaledInput(item.source, res, reason))
+            log.info("upscaling %s: %s", item.source, reason)
+        for sample, bucket in samples:
+            sink.write(sample, bucket)
+    return skipped, upscaled
 
 
 def _options(resolution, caption_ext, default_caption, missing_caption, trigger_word, num_repeats,
@@ -182,6 +176,15 @@ def _check_out(out: Path) -> None:
         if existing:
             raise ValueError(f"out {out}: already holds {', '.join(existing[:3])}"
                              f"{' ...' if len(existing) > 3 else ''}; use an empty folder")
+
+
+def _check_folder_captions(sources, out: Path, opts: BuildOptions) -> None:
+    """Under missing_caption "error": fail before writing anything when a folder input lacks its caption."""
+    if opts.missing_caption == "error":
+        missing = [m for s in sources if s.kind == "folder"
+                   for m in folder_missing_captions(Path(s.location), out, opts.caption_ext)]
+        if missing:
+            raise _missing_caption_error(missing)
 
 
 def _missing_caption_error(missing: list[str]) -> ValueError:

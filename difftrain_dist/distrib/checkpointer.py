@@ -31,7 +31,7 @@ from difftrain_dist.distrib.checkpoint import (
     set_aside_skipped,
     write_rank_manifest,
 )
-from difftrain_dist.distrib.engine import apply_recipe_lr
+from difftrain_dist.distrib.engine import apply_recipe_lr, load_engine_checkpoint
 from difftrain_dist.distrib.export import write_checkpoint_lora
 from difftrain_dist.distrib.metrics import peak_rss_mib
 from difftrain_dist.distrib.reshard import resumed_state, to_universal, universal_dir
@@ -116,7 +116,7 @@ class Checkpointer:
                 log.info("starting at step 0: no checkpoint to resume from",
                          extra={"resume": {"checkpoint": None, "step": 0}})
             return TrainState()
-        trainee.engine.load_checkpoint(str(plan.load_dir), tag=deepspeed_tag(info.step), load_module_strict=False)
+        load_engine_checkpoint(trainee.engine, plan.load_dir, deepspeed_tag(info.step), universal=plan.reshard)
         apply_recipe_lr(trainee.engine.lr_scheduler, self.recipe.train.lr)
         if global_rank < len(info.manifests):  # ranks new to a re-sharded run keep their fresh seeds
             restore_rng(info.manifests[global_rank]["rng"], trainee.noise_generator)

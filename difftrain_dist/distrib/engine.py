@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,8 +12,8 @@ from difftrain_dist.config import Recipe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def deepspeed_config(recipe: Recipe, *, load_universal: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config dict for a recipe (`load_universal`: resume from a universal checkpoint).
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed config dict for a recipe.
 
     On GPU with a half-precision base model the frozen weights stay in that dtype, the LoRA weights
     in fp32, and DeepSpeed's own ``torch_autocast`` runs the forward pass in half precision: an
@@ -29,8 +30,6 @@ def deepspeed_config(recipe: Recipe, *, load_universal: bool = False) -> dict[st
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if load_universal:
-        config["checkpoint"] = {"load_universal": True}
     if train.max_grad_norm is not None:
         config["gradient_clipping"] = train.max_grad_norm
     if dist.use_gpu and recipe.model.dtype != "float32":
@@ -47,7 +46,7 @@ def lr_lambda(warmup_steps: int):
     return factor
 
 
-def build_engine(denoiser: torch.nn.Module, recipe: Recipe, *, load_universal: bool = False):
+def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
     """Wrap the LoRA-injected denoiser in a DeepSpeed engine with AdamW on its trainable parameters.
 
     The torch process group must already exist (Ray Train or torchrun/srun set it up).
@@ -67,9 +66,21 @@ def build_engine(denoiser: torch.nn.Module, recipe: Recipe, *, load_universal: b
         model=denoiser,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(recipe, load_universal=load_universal),
+        config=deepspeed_config(recipe),
     )
     return engine, optimizer, scheduler
+
+
+def load_engine_checkpoint(engine, folder: Path, tag: str, *, universal: bool) -> None:
+    """Load DeepSpeed checkpoint `tag` of `folder` into `engine` (frozen weights are not in it).
+
+    `universal`: `folder` is a universal conversion (`deepspeed.checkpoint.ds_to_universal`),
+    for a checkpoint of another world size. DeepSpeed reads its `checkpoint.load_universal`
+    setting only while loading (`DeepSpeedEngine.load_universal_checkpoint()`, DeepSpeed 0.1x),
+    so it is set here rather than when the engine is built.
+    """
+    engine._config.load_universal_checkpoint = universal
+    engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
 
 
 def apply_recipe_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:

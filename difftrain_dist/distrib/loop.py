@@ -56,7 +56,7 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
     quiet_libraries()
     checkpointer = Checkpointer(recipe, session)
     plan = checkpointer.plan()
-    trainee = setup_trainee(recipe, dist.get_rank(), load_universal=plan.reshard)
+    trainee = setup_trainee(recipe, dist.get_rank())
     stream = make_stream(recipe)
     state = checkpointer.restore(trainee, plan, stream.batches_per_epoch)
     stream.resume_at(state.epoch, state.batch_in_epoch)

@@ -50,7 +50,7 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_trainee(
-    recipe: Recipe, global_rank: int, *, load_universal: bool = False, adapter: DiffusionAdapter | None = None
+    recipe: Recipe, global_rank: int, *, adapter: DiffusionAdapter | None = None
 ) -> Trainee:
     """Load the model through its adapter, inject LoRA and wrap the trained components in DeepSpeed.
 
@@ -86,7 +86,7 @@ def setup_trainee(
         adapter.enable_gradient_checkpointing(text_encoders=lora.train_text_encoder)
     trained = LoraComponents(adapter.lora_prefix, {name: adapter.components[name] for name in lora_configs})
     trained.train()
-    engine, _, _ = build_engine(trained, recipe, load_universal=load_universal)
+    engine, _, _ = build_engine(trained, recipe)
     noise_generator = torch.Generator(device).manual_seed(recipe.run.seed * 1_000_003 + global_rank)
     return Trainee(adapter, engine, lora_configs, device, noise_generator,
                    precomputed_conditioning=precomputed_text_unusable(recipe) is None)

@@ -1,0 +1,140 @@
+"""The in-process tier: the step, the checkpointer's save / restore / retention decisions and the
+resume plan on a real gloo process group (world size 1 in this process, 2 in spawned ones), with
+the tiny SD1.5 and real DeepSpeed, without Ray or a launcher. Whole runs (tests marked slow) prove
+the same end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from difftrain_dist.config import Recipe, recipe_from_dict
+from difftrain_dist.distrib import checkpoint as checkpoint_files
+from difftrain_dist.distrib.checkpoint import checkpoint_name, list_checkpoints
+from difftrain_dist.distrib.checkpointer import Checkpointer
+from difftrain_dist.distrib.loop import train_worker
+from difftrain_dist.distrib.session import LocalSession
+from difftrain_dist.distrib.step import reduce_step_stats
+from difftrain_dist.models import read_lora_file
+
+from .gloo import process_group, run_ranks
+
+EVERY = 2
+
+
+def make_recipe(model: Path, shards: Path, storage: Path, max_steps: int, num_workers: int = 1,
+                **checkpoint) -> Recipe:
+    return recipe_from_dict({
+        "run": {"name": "g", "seed": 11, "output_dir": str(storage / "out"), "storage_path": str(storage)},
+        "model": {"arch": "sd15", "path": str(model)},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {"shards": str(shards), "resolution": 64, "micro_batch_size": 2},
+        "train": {"max_steps": max_steps, "lr": 1e-2, "gradient_accumulation_steps": 2},
+        "distributed": {"num_workers": num_workers, "zero_stage": 2},
+        "checkpoint": {"every_n_steps": EVERY, "keep_last": None, **checkpoint},
+    })
+
+
+def lora_of(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return read_lora_file(run_dir / checkpoint_name(step) / "lora.safetensors")[0]
+
+
+class InspectCounter:
+    """Counts `inspect_checkpoint` calls per folder (each one hashes every file of the checkpoint)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: dict[str, int] = {}
+        real = checkpoint_files.inspect_checkpoint
+
+        def counted(path, recipe_hash=None):
+            self.calls[Path(path).name] = self.calls.get(Path(path).name, 0) + 1
+            return real(path, recipe_hash)
+
+        monkeypatch.setattr(checkpoint_files, "inspect_checkpoint", counted)
+
+
+def test_the_checkpointer_saves_every_n_steps_at_the_end_and_on_a_stop(tmp_path, tiny_sd15_model, photo_shards):
+    checkpointer = Checkpointer(make_recipe(tiny_sd15_model, photo_shards, tmp_path, max_steps=5), LocalSession())
+    assert [s for s in range(1, 6) if checkpointer.should_save(s, stop=False)] == [2, 4, 5]
+    assert checkpointer.should_save(3, stop=True)
+
+
+@pytest.fixture(scope="module")
+def world_1():
+    """This process as rank 0 of a gloo group of world size 1, for the whole module: DeepSpeed
+    keeps the first group it sees, so a group is made once, not per test."""
+    with process_group():
+        yield
+
+
+@pytest.fixture(scope="module")
+def world_1_runs(world_1, tmp_path_factory, tiny_sd15_model, photo_shards):
+    """At world size 1: run "straight" trains 4 steps; run "split" trains 2, then is run again to 4."""
+    straight, split = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("split")
+    done = train_worker(make_recipe(tiny_sd15_model, photo_shards, straight, 4), LocalSession())
+    first = train_worker(make_recipe(tiny_sd15_model, photo_shards, split, 2), LocalSession())
+    second = train_worker(make_recipe(tiny_sd15_model, photo_shards, split, 4), LocalSession())
+    return {"straight": (straight / "g", done), "split": (split / "g", first, second)}
+
+
+def test_stop_and_resume_at_world_size_1_is_exact(world_1_runs):
+    straight, done = world_1_runs["straight"]
+    split, first, second = world_1_runs["split"]
+    assert (done.state.step, first.state.step, second.state.step) == (4, 2, 4)
+    assert done.checkpoint == straight / checkpoint_name(4) and second.checkpoint == split / checkpoint_name(4)
+    assert done.state == second.state  # data cursor and samples seen carried over
+    want, got = lora_of(straight, 4), lora_of(split, 4)
+    assert want.keys() == got.keys() and want
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) == 0.0
+
+
+def test_the_resume_plan_sets_aside_a_corrupt_newest_checkpoint_and_hashes_each_once(
+        world_1_runs, tmp_path, tiny_sd15_model, photo_shards, monkeypatch):
+    import shutil
+
+    split, _, _ = world_1_runs["split"]
+    run_dir = tmp_path / "g"
+    shutil.copytree(split, run_dir)
+    shard = next((run_dir / checkpoint_name(4)).rglob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    counter = InspectCounter(monkeypatch)
+    plan = Checkpointer(make_recipe(tiny_sd15_model, photo_shards, tmp_path, 6), LocalSession()).plan()
+    assert plan.checkpoint.path == run_dir / checkpoint_name(2) and not plan.reshard
+    assert counter.calls == {checkpoint_name(4): 1, checkpoint_name(2): 1}
+    assert [p.name.split(".")[0] for p in run_dir.glob("*.invalid-*")] == [checkpoint_name(4)]
+
+
+def test_retention_reads_no_checkpoint_twice(world_1, tmp_path, tiny_sd15_model, photo_shards, monkeypatch):
+    counter = InspectCounter(monkeypatch)
+    train_worker(make_recipe(tiny_sd15_model, photo_shards, tmp_path, 8, keep_last=2), LocalSession())
+    assert counter.calls == {}, "the checkpointer re-read checkpoints it had written itself"
+    assert [c.step for c in list_checkpoints(tmp_path / "g")] == [6, 8]
+
+
+def _stats_on_two_ranks() -> None:
+    rank = dist.get_rank()
+    loss, stop = reduce_step_stats(1.0 + rank, stop=rank == 1)
+    assert (loss, stop) == (1.5, True)
+    assert reduce_step_stats(2.0, stop=False) == (2.0, False)
+
+
+def test_step_stats_are_the_mean_loss_and_any_rank_stop_at_world_size_2():
+    run_ranks(_stats_on_two_ranks, 2)
+
+
+def _train_on_two_ranks(model: Path, shards: Path, storage: Path, steps: tuple[int, ...]) -> None:
+    for max_steps in steps:
+        result = train_worker(make_recipe(model, shards, storage, max_steps, num_workers=2), LocalSession())
+        assert result.state.step == max_steps
+
+
+def test_stop_and_resume_at_world_size_2_is_exact(tmp_path, tiny_sd15_model, photo_shards):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_ranks(_train_on_two_ranks, 2, tiny_sd15_model, photo_shards, straight, (4,))
+    run_ranks(_train_on_two_ranks, 2, tiny_sd15_model, photo_shards, split, (2, 4))
+    want, got = lora_of(straight / "g", 4), lora_of(split / "g", 4)
+    assert want.keys() == got.keys() and want
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) == 0.0
