@@ -98,7 +98,10 @@ def consolidation_time(root: Path) -> dict:
     recipe = {"model": {"arch": "sdxl", "path": "sdxl-sized"}, "data": {"resolution": 1024},
               "run": {"seed": 0, "name": "sdxl-sized"}}
     write_rank_manifest(ckpt, 0, {"step": 1, "world_size": 1, "zero_stage": 2, "recipe_hash": "x",
-                                  "recipe": recipe, "lora_configs": {"unet": lora_config}})
+                                  "resume_identity": {}, "recipe": recipe, "lora_configs": {"unet": lora_config},
+                                  "loss": 0.0, "state": {"step": 1, "samples_seen": 1, "epoch": 0, "batch_in_epoch": 1},
+                                  "rng": {}, "host": "bench", "node_id": "bench", "pid": 0, "saved_at": 0.0,
+                                  "peak_rss_mib": 0.0})
     seconds = timed(lambda: export_checkpoint(ckpt, root / "sdxl.safetensors"), repeats=3)
     size = (root / "sdxl.safetensors").stat().st_size
     return {"lora_params": params, "consolidate_s": seconds, "lora_file_mib": size / 2**20}

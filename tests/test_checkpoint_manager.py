@@ -17,6 +17,14 @@ from difftrain_dist.distrib.checkpoint import (
 )
 
 
+def manifest_fields(step: int, world_size: int, recipe_hash: str) -> dict:
+    """A rank manifest's fields as a rank of a `world_size` run writes them at `step`."""
+    return {"step": step, "world_size": world_size, "zero_stage": 2, "recipe_hash": recipe_hash,
+            "resume_identity": {}, "recipe": {}, "lora_configs": {"unet": {"r": 4}}, "loss": 0.5,
+            "state": {"step": step, "samples_seen": 2 * step, "epoch": 0, "batch_in_epoch": step},
+            "rng": {}, "host": "node", "node_id": "n", "pid": 1, "saved_at": 0.0, "peak_rss_mib": 1.0}
+
+
 def make_checkpoint(run_dir: Path, step: int, world_size: int = 2, recipe_hash: str = "h") -> Path:
     """A checkpoint folder as the workers leave it: per-rank files, then per-rank manifests."""
     path = run_dir / checkpoint_name(step)
@@ -26,8 +34,7 @@ def make_checkpoint(run_dir: Path, step: int, world_size: int = 2, recipe_hash: 
         (local / f"step_{step:09d}" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes([rank]) * 100)
         if rank == 0:
             (local / "lora.safetensors").write_bytes(b"lora" * 10)
-        state = {"step": step, "world_size": world_size, "recipe_hash": recipe_hash, "loss": 0.5}
-        write_rank_manifest(local, rank, state)
+        write_rank_manifest(local, rank, manifest_fields(step, world_size, recipe_hash))
         for file in local.rglob("*"):
             if file.is_file():
                 target = path / file.relative_to(local)
@@ -115,8 +122,10 @@ def test_manifest_lists_sha256_of_every_file(tmp_path):
     [
         (lambda p: (p / "rank_1.json").write_text("null"), "rank_1.json is not a JSON object"),
         (lambda p: (p / "rank_2.json").write_text((p / "rank_1.json").read_text()), "beyond world size 2"),
-        (lambda p: _rewrite(p / "rank_0.json", files={}), "rank_0.json lists no files"),
-        (lambda p: _rewrite(p / "rank_0.json", world_size=True), "no valid world_size"),
+        (lambda p: _rewrite(p / "rank_0.json", files={}), "rank_0.json: files: "),
+        (lambda p: _rewrite(p / "rank_0.json", world_size=True), "rank_0.json: world_size: "),
+        (lambda p: _rewrite(p / "rank_1.json", state={"step": 10}), "rank_1.json: state.samples_seen: "),
+        (lambda p: _rewrite(p / "rank_0.json", lr=1.0), "rank_0.json: lr: "),
     ],
 )
 def test_malformed_manifests_make_the_checkpoint_invalid(tmp_path, edit, reason):

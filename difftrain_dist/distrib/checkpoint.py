@@ -14,7 +14,6 @@ and with the run's recipe hash, and every file they list has the recorded sha256
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -24,11 +23,11 @@ from typing import Any
 
 from difftrain_dist.config import Recipe, changed_fields
 from difftrain_dist.data_shards.index import sha256_file
+from difftrain_dist.distrib.manifest import RankManifest, read_manifest, write_manifest
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9})$")
 RANK_FILE = re.compile(r"^rank_(\d+)\.json$")
 LORA_FILE = "lora.safetensors"
-MANIFEST_VERSION = 1
 RECIPE_MISMATCH = "recipe hash differs from this run's recipe (model, LoRA, seed or data changed)"
 
 
@@ -42,21 +41,22 @@ def deepspeed_tag(step: int) -> str:
     return f"step_{step:09d}"
 
 
-def write_rank_manifest(local_dir: Path, global_rank: int, state: dict[str, Any]) -> Path:
-    """Write `rank_{global_rank}.json` into `local_dir`, listing the sha256 of every other file there.
+def write_rank_manifest(local_dir: Path, global_rank: int, fields: dict[str, Any]) -> Path:
+    """Write `rank_{global_rank}.json` into `local_dir`: the RankManifest of `fields` (every field
+    but `global_rank` and `files`), listing the sha256 of every other file there.
 
     Call it last, after this rank has written all its files into `local_dir`.
+
+    Raises:
+        pydantic.ValidationError: `fields` do not make a RankManifest.
     """
     files = {
         p.relative_to(local_dir).as_posix(): sha256_file(p)
         for p in sorted(local_dir.rglob("*"))
         if p.is_file() and not RANK_FILE.match(p.name)
     }
-    manifest = {"version": MANIFEST_VERSION, "global_rank": global_rank, **state, "files": files}
     path = local_dir / f"rank_{global_rank}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(path)
+    write_manifest(path, RankManifest(global_rank=global_rank, files=files, **fields))
     return path
 
 
@@ -73,7 +73,7 @@ class CheckpointInfo:
     loss: float | None = None
     recipe_mismatch: bool = False
     """Complete and intact, but written under another recipe (model, LoRA shape, seed or data)."""
-    manifests: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    manifests: list[RankManifest] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary without the manifests."""
@@ -83,21 +83,17 @@ class CheckpointInfo:
         return out
 
 
-def _read_manifests(path: Path) -> tuple[list[dict[str, Any]], str]:
-    manifests = {}
+def _read_manifests(path: Path) -> tuple[list[RankManifest], str]:
+    manifests: dict[int, RankManifest] = {}
     for p in path.iterdir():
         if m := RANK_FILE.match(p.name):
-            try:
-                manifests[int(m.group(1))] = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-                return [], f"{p.name} is unreadable ({err.__class__.__name__})"
-            if not isinstance(manifests[int(m.group(1))], dict):
-                return [], f"{p.name} is not a JSON object"
+            manifest, reason = read_manifest(p)
+            if manifest is None:
+                return [], reason
+            manifests[int(m.group(1))] = manifest
     if not manifests:
         return [], "no rank_*.json manifest (save did not finish)"
-    world_size = manifests[min(manifests)].get("world_size")
-    if type(world_size) is not int or world_size < 1:
-        return [], "manifest has no valid world_size"
+    world_size = manifests[min(manifests)].world_size
     missing = [r for r in range(world_size) if r not in manifests]
     if missing:
         return [], f"missing rank_{missing[0]}.json of world size {world_size} (save did not finish)"
@@ -107,9 +103,7 @@ def _read_manifests(path: Path) -> tuple[list[dict[str, Any]], str]:
     return [manifests[r] for r in range(world_size)], ""
 
 
-def _check_files(path: Path, rank: int, files: Any) -> str:
-    if not isinstance(files, dict) or not files:
-        return f"rank_{rank}.json lists no files"
+def _check_files(path: Path, rank: int, files: dict[str, str]) -> str:
     for rel, digest in files.items():
         file = path / rel
         if not file.is_file():
@@ -119,15 +113,17 @@ def _check_files(path: Path, rank: int, files: Any) -> str:
     return ""
 
 
-def _check_manifests(path: Path, step: int, manifests: list[dict[str, Any]]) -> str:
+def _check_manifests(path: Path, step: int, manifests: list[RankManifest]) -> str:
     for rank, manifest in enumerate(manifests):
-        if manifest.get("step") != step:
-            return f"rank_{rank}.json records step {manifest.get('step')}, folder says {step}"
-        if manifest.get("world_size") != len(manifests):
+        if manifest.global_rank != rank:
+            return f"rank_{rank}.json records global_rank {manifest.global_rank}"
+        if manifest.step != step:
+            return f"rank_{rank}.json records step {manifest.step}, folder says {step}"
+        if manifest.world_size != len(manifests):
             return f"rank_{rank}.json disagrees on world size"
-        if len({m.get("recipe_hash") for m in manifests}) != 1:
+        if len({m.recipe_hash for m in manifests}) != 1:
             return f"rank_{rank}.json disagrees on the recipe hash"
-        if reason := _check_files(path, rank, manifest.get("files")):
+        if reason := _check_files(path, rank, manifest.files):
             return reason
     if not (path / LORA_FILE).is_file():
         return f"{LORA_FILE} is missing"
@@ -155,14 +151,14 @@ def inspect_checkpoint(path: Path, recipe_hash: str | None = None) -> Checkpoint
     manifests, reason = _read_manifests(path)
     if not reason:
         reason = _check_manifests(path, step, manifests)
-    mismatch = not reason and recipe_hash is not None and manifests[0].get("recipe_hash") != recipe_hash
+    mismatch = not reason and recipe_hash is not None and manifests[0].recipe_hash != recipe_hash
     if mismatch:
         reason = RECIPE_MISMATCH
     info = CheckpointInfo(path=path, step=step, valid=not reason, reason=reason, size_bytes=size,
                           recipe_mismatch=mismatch)
     if manifests:
         info.world_size = len(manifests)
-        info.loss = manifests[0].get("loss")
+        info.loss = manifests[0].loss
         info.manifests = manifests if (info.valid or mismatch) else []
     return info
 
@@ -239,7 +235,7 @@ def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[Check
     """
     info, skipped = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
     if info is None and (other := next((s for s in skipped if s.recipe_mismatch), None)):
-        changed = changed_fields(other.manifests[0].get("resume_identity", {}), recipe.resume_identity())
+        changed = changed_fields(other.manifests[0].resume_identity, recipe.resume_identity())
         raise ValueError(
             f"{recipe.run_dir} holds checkpoints of another recipe (changed: {', '.join(changed) or 'unknown'}); "
             "put those settings back to continue it, or choose another run.name"
@@ -251,7 +247,7 @@ def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[Check
 
 def check_compatible(info: CheckpointInfo, recipe: Recipe) -> None:
     """Raise ValueError when the run cannot continue from `info` with this recipe's settings."""
-    stage = info.manifests[0].get("zero_stage")
+    stage = info.manifests[0].zero_stage
     if stage != recipe.distributed.zero_stage:
         raise ValueError(
             f"distributed.zero_stage: {info.path.name} was written with ZeRO-{stage}, this run asks for "

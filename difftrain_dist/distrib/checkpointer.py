@@ -119,7 +119,7 @@ class Checkpointer:
         load_engine_checkpoint(trainee.engine, plan.load_dir, deepspeed_tag(info.step), universal=plan.reshard)
         apply_recipe_lr(trainee.engine.lr_scheduler, self.recipe.train.lr)
         if global_rank < len(info.manifests):  # ranks new to a re-sharded run keep their fresh seeds
-            restore_rng(info.manifests[global_rank]["rng"], trainee.noise_generator)
+            restore_rng(info.manifests[global_rank].rng, trainee.noise_generator)
         self.last = info.path
         self.known[info.path] = info
         if global_rank == 0:

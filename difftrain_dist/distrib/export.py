@@ -131,7 +131,7 @@ def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | Non
         ValueError: kohya asked for an architecture without a kohya layout, or no LoRA weights.
     """
     manifest = info.manifests[0]
-    recipe = manifest["recipe"]
+    recipe = manifest.recipe
     adapter = get_adapter(recipe["model"]["arch"])
     fmt = fmt or adapter.lora_file_format
     if fmt == "kohya" and not adapter.kohya_prefixes:
@@ -145,10 +145,10 @@ def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | Non
         shutil.copyfile(saved, partial)
         partial.replace(out_path)
         return out_path
-    weights = _consolidated_lora_weights(info.path, info.step, manifest["zero_stage"])
+    weights = _consolidated_lora_weights(info.path, info.step, manifest.zero_stage)
     if not weights:
         raise ValueError(f"checkpoint {info.path} holds no LoRA weights")
-    configs = manifest["lora_configs"]
+    configs = manifest.lora_configs
     return save_lora_file(
         out_path,
         weights,

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from difftrain_dist.data_shards.index import sha256_file
 from difftrain_dist.distrib.checkpoint import CheckpointInfo, deepspeed_tag
@@ -64,14 +63,13 @@ def resumed_state(info: CheckpointInfo, global_rank: int, world_size: int, batch
     over, the position in the epoch is rescaled to the same fraction of the epoch's samples.
     `batches_per_epoch` is the new stream's batch count per epoch for one rank.
     """
-    manifests: list[dict[str, Any]] = info.manifests
+    manifests = info.manifests
     if len(manifests) == world_size:
-        return TrainState(**manifests[global_rank]["state"])
-    old = manifests[0]["state"]
-    old_world = len(manifests)
-    total_seen = sum(m["state"]["samples_seen"] for m in manifests)
-    batch = math.ceil(old["batch_in_epoch"] * old_world / world_size)
-    epoch = old["epoch"]
+        return TrainState(**manifests[global_rank].state.model_dump())
+    old = manifests[0].state
+    total_seen = sum(m.state.samples_seen for m in manifests)
+    batch = math.ceil(old.batch_in_epoch * len(manifests) / world_size)
+    epoch = old.epoch
     if batch >= batches_per_epoch:
         epoch, batch = epoch + 1, 0
-    return TrainState(step=old["step"], samples_seen=total_seen // world_size, epoch=epoch, batch_in_epoch=batch)
+    return TrainState(step=old.step, samples_seen=total_seen // world_size, epoch=epoch, batch_in_epoch=batch)
