@@ -65,6 +65,9 @@ class Checkpointer:
         """The newest checkpoint this rank restored or saved."""
         self.known: dict[Path, CheckpointInfo] = {}
         """Checkpoints of the run validated so far (rank 0), so that retention reads none twice."""
+        self.resume_identity = recipe.resume_identity()
+        self.recipe_hash = recipe.recipe_hash()
+        """The recipe's identity (it reads the model's configs and the shard index), once per run."""
 
     def plan(self) -> ResumePlan:
         """Where the run continues from. Rank 0 chooses (setting aside invalid newer checkpoints,
@@ -152,7 +155,7 @@ class Checkpointer:
         if global_rank == 0:
             self.known[self.last] = CheckpointInfo(self.last, state.step, valid=True,
                                                    world_size=dist.get_world_size(), loss=loss)
-            apply_retention(recipe.run_dir, recipe.checkpoint.keep_last, recipe.recipe_hash(), self.known)
+            apply_retention(recipe.run_dir, recipe.checkpoint.keep_last, self.recipe_hash, self.known)
         return self.last
 
     def _manifest(self, trainee: Trainee, state: TrainState, loss: float) -> dict:
@@ -161,8 +164,8 @@ class Checkpointer:
             "step": state.step,
             "world_size": dist.get_world_size(),
             "zero_stage": recipe.distributed.zero_stage,
-            "recipe_hash": recipe.recipe_hash(),
-            "resume_identity": recipe.resume_identity(),
+            "recipe_hash": self.recipe_hash,
+            "resume_identity": self.resume_identity,
             "recipe": recipe.model_dump(mode="json"),
             "lora_configs": trainee.lora_config_dicts(),
             "loss": loss,
