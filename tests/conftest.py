@@ -10,6 +10,8 @@ from difftrain_dist.data_shards import build_shards
 from difftrain_dist.data_shards.examples import write_example_folder
 from difftrain_dist.models import init_tiny
 
+pytest_plugins = ["tests.shard_sources"]
+
 
 @pytest.fixture(scope="session")
 def tiny_sd15_model(tmp_path_factory) -> Path:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from collections.abc import Callable, Iterator
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .procs import free_port
+from .procs import free_port, kept_signal_handlers
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 """DeepSpeed on the CPU; one thread per rank (two ranks share the machine's cores)."""
@@ -23,15 +22,13 @@ def process_group(global_rank: int = 0, world_size: int = 1, port: int | None = 
     """A gloo process group over 127.0.0.1 while inside; the signal handlers a LocalSession
     installs (SIGINT, SIGTERM, SIGUSR1) are put back on exit."""
     os.environ.update(CPU_ENV, RANK=str(global_rank), LOCAL_RANK=str(global_rank), WORLD_SIZE=str(world_size))
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port or free_port()}",
-                            rank=global_rank, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    with kept_signal_handlers():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port or free_port()}",
+                                rank=global_rank, world_size=world_size)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def _rank_main(global_rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:

@@ -1,4 +1,5 @@
-"""data_shards: folder → shards (real skimage photographs plus broken/odd files) and the reader."""
+"""data_shards: folder → shards (real skimage photographs plus broken/odd files), the index, and the
+checks made as shards are read."""
 
 from __future__ import annotations
 
@@ -13,125 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader
 
 from difftrain_dist.data_shards import ShardIndex, ShardStream, build_shards
 from difftrain_dist.data_shards.index import sha256_file
 from difftrain_dist.data_shards.precomputed import Precomputed, SidecarInfo, sidecar_name, tar_samples, write_sidecar
 
-DATA = Path(skimage.data.data_dir)
-RES = 32
-
-# (file in the source folder, skimage file it comes from); every one has a caption.
-PHOTOS = {
-    "astronaut.png": "astronaut.png",  # RGB
-    "camera.png": "camera.png",  # L
-    "chelsea.png": "chelsea.png",  # RGB, 451x300
-    "coffee.png": "coffee.png",  # RGB, 600x400
-    "horse.png": "horse.png",  # RGBA
-    "logo.png": "logo.png",  # RGBA (fully opaque)
-    "nested/ROCKET.JPG": "rocket.jpg",  # RGB JPEG, upper-case extension
-    "nested/deeper/hubble.jpg": "hubble_deep_field.jpg",  # RGB JPEG 1000x872
-}
-KEPT = [  # walk order: a folder's files sorted, then its sub-folders
-    "astronaut.png", "camera.png", "chelsea.png", "cmyk.jpg", "coffee.png", "dup.jpg", "exif_rotated.jpg",
-    "half_transparent.png", "horse.png", "logo.png", "palette.png", "palette_transparent.png",
-    "sixteen_bit.png", "tiny.png", "trigger.png", "nested/ROCKET.JPG", "nested/deeper/hubble.jpg",
-]
-SKIPPED = {  # source -> (kind, words the reason must contain)
-    "bad_caption.png": ("caption_encoding", "not UTF-8"),
-    "dup.png": ("duplicate_stem", "duplicate stem: dup.png shares the stem 'dup' (caption dup.txt) with dup.jpg"),
-    "empty.jpg": ("empty", "empty file"),
-    "garbage.jpg": ("decode", "cannot decode image: UnidentifiedImageError: cannot identify image file"),
-    "no_caption.png": ("no_caption", "no caption file no_caption.txt"),
-    "notes.md": ("not_image", "not an image"),
-    "truncated.jpg": ("decode", "truncated"),
-}
-TRIGGER = "ohwx"
-
-
-def _caption(name: str) -> str:
-    return f"a photo: {Path(name).stem} ✓"
-
-
-def _write(folder: Path, name: str, img: Image.Image | None = None, caption: bool = True,
-           **save_kw) -> Path:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if img is not None:
-        img.save(path, **save_kw)
-    if caption:
-        path.with_suffix(".txt").write_text(_caption(name) + "\n", encoding="utf-8")
-    return path
-
-
-def _make_source(folder: Path) -> None:
-    for name, original in PHOTOS.items():
-        _write(folder, name).write_bytes((DATA / original).read_bytes())
-    astronaut, chelsea = Image.open(DATA / "astronaut.png"), Image.open(DATA / "chelsea.png")
-    camera = np.asarray(Image.open(DATA / "camera.png"))
-    _write(folder, "cmyk.jpg", astronaut.convert("CMYK"), format="JPEG", quality=95)
-    _write(folder, "palette.png", chelsea.quantize(32))
-    half = Image.open(DATA / "coffee.png").convert("RGBA")
-    alpha = np.full(half.size[::-1], 255, np.uint8)
-    alpha[:, : half.size[0] // 2] = 0  # left half fully transparent
-    half.putalpha(Image.fromarray(alpha))
-    _write(folder, "half_transparent.png", half)
-    _write(folder, "palette_transparent.png", half.quantize(64))
-    _write(folder, "sixteen_bit.png", Image.fromarray(camera.astype(np.uint16) * 257))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # display = stored rotated 90° clockwise
-    _write(folder, "exif_rotated.jpg", chelsea.transpose(Image.Transpose.ROTATE_90),
-           format="JPEG", quality=95, exif=exif.tobytes())
-    _write(folder, "empty.jpg").write_bytes(b"")
-    _write(folder, "garbage.jpg").write_bytes(b"not an image, whatever its name says")
-    rocket = (DATA / "rocket.jpg").read_bytes()
-    _write(folder, "truncated.jpg").write_bytes(rocket[: len(rocket) // 2])
-    _write(folder, "no_caption.png", caption=False).write_bytes((DATA / "coins.png").read_bytes())
-    _write(folder, "bad_caption.png", caption=False).write_bytes((DATA / "moon.png").read_bytes())
-    (folder / "bad_caption.txt").write_bytes("café".encode("latin-1"))
-    (folder / "notes.md").write_text("not an image")
-    # a.jpg and a.png would share a.txt: the first by name is kept, the other reported.
-    _write(folder, "dup.jpg", astronaut.convert("RGB"), format="JPEG", quality=90)
-    _write(folder, "dup.png", chelsea, caption=False)
-    _write(folder, "tiny.png", chelsea.resize((20, 13)))  # smaller than every bucket: upscaled by default
-    _write(folder, "trigger.png", chelsea.rotate(180), caption=False)
-    (folder / "trigger.txt").write_text("[trigger], a cat upside down, [name] again", encoding="utf-8")
-    (folder / ".hidden.png").write_bytes(b"ignored")
-
-
-def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path, ShardIndex]:
-    root = tmp_path_factory.mktemp("build")
-    _make_source(root / "src")
-    index = build_shards(root / "src", root / "out", resolution=RES, samples_per_shard=5, trigger_word=TRIGGER)
-    return root / "src", root / "out", index
-
-
-@pytest.fixture(scope="module")
-def samples(built) -> list[dict]:
-    """Every sample of the build, in shard order: {"key", "meta", "caption", "pixels"}."""
-    _, out, index = built
-    rows = []
-    for shard in index.shards:
-        for key, members in sorted(_read_tar(out / shard.name).items()):
-            assert sorted(members) == ["jpg", "json", "txt"]
-            rows.append({"key": key, "meta": json.loads(members["json"]),
-                         "caption": members["txt"].decode("utf-8"),
-                         "pixels": np.asarray(Image.open(io.BytesIO(members["jpg"])))})
-    return rows
+from .shard_sources import KEPT, RES, SKIPPED, TRIGGER, caption_for, read_tar, write_input
 
 
 def test_build_keeps_good_inputs_and_reports_bad_ones(built, samples):
@@ -173,7 +61,7 @@ def test_round_trip_metadata_captions_and_pixels(built, samples):
         if meta["source"] == "trigger.png":  # placeholders filled with the trigger word at build time
             assert s["caption"] == "ohwx, a cat upside down, ohwx again"
         else:
-            assert s["caption"] == _caption(meta["source"])
+            assert s["caption"] == caption_for(meta["source"])
         assert meta["resolution"] == RES
         assert meta["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
         assert meta["bucket"] == [RES, RES]
@@ -185,7 +73,7 @@ def test_round_trip_metadata_captions_and_pixels(built, samples):
 
 
 def test_folder_without_usable_images_gives_an_empty_index(tmp_path):
-    _write(tmp_path / "src", "only.png", caption=False).write_bytes(b"")
+    write_input(tmp_path / "src", "only.png", caption=False).write_bytes(b"")
     index = build_shards(tmp_path / "src", tmp_path / "out", resolution=RES)
     assert (index.num_samples, index.shards, index.buckets) == (0, [], {})
     assert index.skipped[0]["source"] == "only.png" and "no caption" in index.skipped[0]["reason"]
@@ -222,7 +110,7 @@ def test_default_caption_keeps_uncaptioned_images(built, tmp_path):
     index = build_shards(src, tmp_path / "out", resolution=16, default_caption="a photo")
     assert index.num_samples == len(KEPT) + 1
     assert "no_caption.png" not in {s.source for s in index.skipped}
-    rows = _read_tar(tmp_path / "out" / index.shards[0].name)
+    rows = read_tar(tmp_path / "out" / index.shards[0].name)
     captions = {json.loads(m["json"])["source"]: m["txt"].decode() for m in rows.values()}
     assert captions["no_caption.png"] == "a photo"
 
@@ -398,130 +286,3 @@ def test_corrupt_precomputed_sidecar_is_named(built, tmp_path):
     with pytest.raises(ValueError, match=r"shard-000000\.precomputed\.tar: sidecar is corrupt or truncated: sha256 .*"
                                          r"run `shards precompute` again"):
         _stream_keys(copy)
-
-
-# --------------------------------------------------------------------------------------- reader
-
-SIZES = (5, 2, 4)  # three uneven shards, fewer than the 4 readers of world_size=2 x 2 workers
-
-
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory) -> Path:
-    """One index over three separately built shards of 5, 2 and 4 photo crops; captions unique."""
-    root = tmp_path_factory.mktemp("uneven")
-    photos = [np.asarray(Image.open(DATA / n).convert("RGB")) for n in ("astronaut.png", "coffee.png")]
-    shards, number = [], 0
-    for part, size in enumerate(SIZES):
-        src = root / f"src{part}"
-        for _ in range(size):
-            photo = photos[number % 2]
-            crop = photo[17 * number: 17 * number + 96, 23 * number: 23 * number + 96]
-            _write(src, f"crop{number:02d}.png", Image.fromarray(crop), caption=False)
-            (src / f"crop{number:02d}.txt").write_text(f"sample {number:02d}")
-            number += 1
-        index = build_shards(src, root / f"part{part}", resolution=16, samples_per_shard=100)
-        shards += [{**vars(s), "name": f"part{part}/{s.name}"} for s in index.shards]
-    merged = {"version": 1, "resolution": 16, "num_samples": sum(SIZES), "shards": shards,
-              "buckets": {"16x16": sum(SIZES)}, "skipped": []}
-    (root / "index.json").write_text(json.dumps(merged))
-    return root
-
-
-def _take(stream, n: int) -> list[dict]:
-    return list(islice(iter(stream), n))
-
-
-def _loader(ds: ShardStream, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=None, num_workers=workers)
-
-
-@pytest.mark.parametrize("data", ["uneven", "built"])
-def test_ranks_and_workers_yield_equal_batches_without_duplicates(request, data):
-    index = request.getfixturevalue("uneven") if data == "uneven" else request.getfixturevalue("built")[1]
-    size = 16 if data == "uneven" else RES
-    epochs: dict[int, list[str]] = {}
-    per_rank_counts = []
-    for rank in range(2):
-        ds = ShardStream(index, micro_batch_size=1, global_rank=rank, world_size=2, seed=7,
-                         num_workers=2, shuffle_buffer=4)
-        counts = [ds.batches_per_epoch] * 4
-        per_rank_counts.append(counts)
-        batches = _take(_loader(ds, 2), sum(counts))
-        # Workers alternate; if one ran out first the epochs would interleave here.
-        assert [(b["epoch"], b["batch_in_epoch"]) for b in batches] == [
-            (e, i) for e in range(4) for i in range(counts[e])]
-        for b in batches:
-            assert b["pixel_values"].shape == (1, 3, size, size) and b["pixel_values"].dtype == torch.float32
-            assert -1.0 <= float(b["pixel_values"].min()) and float(b["pixel_values"].max()) <= 1.0
-            epochs.setdefault(b["epoch"], []).extend(b["captions"])
-    assert per_rank_counts[0] == per_rank_counts[1]
-    assert all(c % 2 == 0 and c > 0 for c in per_rank_counts[0])
-    for epoch, captions in epochs.items():
-        assert len(captions) == len(set(captions)) == 2 * per_rank_counts[0][epoch], epoch
-        if data == "uneven":
-            assert set(captions) <= {f"sample {i:02d}" for i in range(sum(SIZES))}
-
-
-def test_same_seed_same_order_new_epoch_new_order(uneven):
-    def captions(seed: int) -> list[list[str]]:
-        ds = ShardStream(uneven / "index.json", micro_batch_size=1, global_rank=0, world_size=1,
-                         seed=seed, num_workers=0)
-        n = ds.batches_per_epoch
-        assert n == sum(SIZES)
-        batches = _take(ds, 2 * n)
-        return [[c for b in batches[e * n:(e + 1) * n] for c in b["captions"]] for e in range(2)]
-
-    first, again, other = captions(1), captions(1), captions(2)
-    assert first == again
-    assert first[0] != first[1] and sorted(first[0]) == sorted(first[1])
-    assert first != other
-
-
-def _same_batches(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert (g["epoch"], g["batch_in_epoch"], g["captions"], g["keys"]) == (
-            w["epoch"], w["batch_in_epoch"], w["captions"], w["keys"])
-        assert torch.equal(g["pixel_values"], w["pixel_values"])
-
-
-@pytest.mark.parametrize("data, world_size, rank, batch", [("uneven", 1, 0, 2), ("built", 2, 1, 1)])
-def test_resume_equals_tail_of_unskipped_stream(request, data, world_size, rank, batch):
-    index = request.getfixturevalue("uneven") if data == "uneven" else request.getfixturevalue("built")[1]
-    kw = dict(micro_batch_size=batch, global_rank=rank, world_size=world_size, seed=5,
-              caption_dropout=0.3, shuffle_captions=True, keep_tokens=1, trigger_word="sks")
-    full = _take(ShardStream(index, **kw), 16)
-    per_epoch = ShardStream(index, **kw).batches_per_epoch
-    assert 3 <= per_epoch <= 8  # so 16 batches cross at least one epoch boundary
-    for start in (1, per_epoch - 1, per_epoch):  # mid-epoch, last batch, epoch end
-        resumed = ShardStream(index, start_batch=start, **kw)
-        _same_batches(_take(resumed, 16 - start), full[start:])
-    epoch1 = ShardStream(index, start_epoch=1, **kw)
-    _same_batches(_take(epoch1, 16 - per_epoch), full[per_epoch:])
-    with pytest.raises(ValueError, match="start_batch"):
-        ShardStream(index, start_batch=per_epoch + 1, **kw)
-
-
-def test_resume_through_dataloader_workers(uneven):
-    kw = dict(micro_batch_size=1, global_rank=0, world_size=1, seed=11, num_workers=2)
-    full = _take(_loader(ShardStream(uneven, **kw), 2), 16)
-    n = ShardStream(uneven, **kw).batches_per_epoch
-    start = n - 3  # odd cursor: DataLoader worker 0 must replay worker 1's part; crosses epochs
-    assert start % 2 == 1
-    _same_batches(_take(_loader(ShardStream(uneven, start_batch=start, **kw), 2), 16 - start), full[start:])
-
-
-def test_reader_argument_errors(uneven):
-    with pytest.raises(ValueError, match="needs at least 16 samples"):
-        ShardStream(uneven, micro_batch_size=8, global_rank=0, world_size=2, seed=0, num_workers=0)
-    with pytest.raises(ValueError, match="global_rank"):
-        ShardStream(uneven, micro_batch_size=1, global_rank=2, world_size=2, seed=0)
-    in_process = ShardStream(uneven, micro_batch_size=1, global_rank=0, world_size=1, seed=0)
-    loader_iter = iter(_loader(in_process, 2))
-    with pytest.raises(ValueError, match="built with num_workers=0 but is read with 2 loader workers"):
-        next(loader_iter)
-    # The re-raised worker error keeps the iterator in a reference cycle; collected later, its
-    # workers miss the shutdown message and each join waits 5 s. Stop them now instead.
-    loader_iter._shutdown_workers()
-    with pytest.raises(ValueError, match="not found"):
-        ShardStream(uneven / "nowhere", micro_batch_size=1, global_rank=0, world_size=1, seed=0)

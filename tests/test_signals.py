@@ -4,12 +4,14 @@ process of the run's embedded Ray cluster is left. And the embedded cluster is a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,15 @@ from difftrain_dist.distrib.checkpoint import list_checkpoints
 from difftrain_dist.distrib.driver.ray_job import init_ray
 from difftrain_dist.distrib.session import LocalSession
 
-from .procs import Output, assert_no_processes_left, cli, marked_env, marked_processes, wait_for_checkpoint
+from .procs import (
+    Output,
+    assert_no_processes_left,
+    cli,
+    kept_signal_handlers,
+    marked_env,
+    marked_processes,
+    wait_for_checkpoint,
+)
 
 MAX_STEPS, EVERY = 12, 3
 
@@ -38,25 +48,28 @@ def _recipe(tmp_path: Path, model: Path, shards: Path, **distributed) -> Path:
     return tmp_path / "r.yaml"
 
 
-def _start(tmp_path: Path, recipe: Path) -> tuple[subprocess.Popen, Output, str]:
+@contextlib.contextmanager
+def running_train(tmp_path: Path, recipe: Path) -> Iterator[tuple[subprocess.Popen, Output, str]]:
     """`train` as a shell starts a job: leader of its own process group (os.killpg reaches the
-    group as a terminal's Ctrl+C does)."""
+    group as a terminal's Ctrl+C does). Yields (process, its stderr, its process mark); a driver
+    still running at the end is SIGKILLed."""
     env, mark = marked_env()
     proc = subprocess.Popen(cli("train", str(recipe), "--no-progress"), cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    return proc, Output(proc.stderr), mark
+    try:
+        yield proc, Output(proc.stderr), mark
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_exits_75(tmp_path, tiny_sd15_model, photo_shards):
-    proc, err, mark = _start(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards))
-    try:
+    with running_train(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards)) as (proc, err, mark):
         wait_for_checkpoint(tmp_path / "sg", EVERY, proc)
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     out = err.text()
     assert proc.returncode == 75, out[-6000:]
     assert "received SIGINT: stopping after the current step with a checkpoint" in out
@@ -69,8 +82,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_exits_75(tmp_path, ti
 
 @pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once_with_a_message(tmp_path, tiny_sd15_model, photo_shards):
-    proc, err, mark = _start(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards))
-    try:
+    with running_train(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards)) as (proc, err, mark):
         wait_for_checkpoint(tmp_path / "sg", EVERY, proc)
         os.killpg(proc.pid, signal.SIGINT)
         err.wait_for("received SIGINT: stopping", proc)
@@ -78,9 +90,6 @@ def test_second_ctrl_c_aborts_at_once_with_a_message(tmp_path, tiny_sd15_model, 
         second = time.monotonic()
         proc.wait(timeout=120)
         took = time.monotonic() - second
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     out = err.text()
     assert proc.returncode == 130, out[-6000:]
     assert "received SIGINT again: aborting at once" in out
@@ -94,13 +103,10 @@ def test_second_ctrl_c_aborts_at_once_with_a_message(tmp_path, tiny_sd15_model, 
 def test_a_killed_driver_takes_its_embedded_cluster_with_it(tmp_path, tiny_sd15_model, photo_shards):
     """SIGKILL leaves the driver no time to shut anything down: the cluster's processes, in a
     session of their own, must still end with it."""
-    proc, err, mark = _start(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards))
-    try:
+    with running_train(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards)) as (proc, _, mark):
         wait_for_checkpoint(tmp_path / "sg", EVERY, proc)
         assert len(marked_processes(mark)) > 3, "the run's Ray processes are not found"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     assert_no_processes_left(mark, within_s=60)
 
 
@@ -111,12 +117,8 @@ def test_failed_run_exits_1_with_one_line_and_leaves_no_ray_processes(tmp_path, 
     shutil.copytree(tiny_sd15_model, model)
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    proc, err, mark = _start(tmp_path, _recipe(tmp_path, model, photo_shards, max_failures=0))
-    try:
+    with running_train(tmp_path, _recipe(tmp_path, model, photo_shards, max_failures=0)) as (proc, err, mark):
         proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     out = err.text()
     assert proc.returncode == 1, out[-6000:]
     assert "error: training failed:" in out
@@ -126,8 +128,7 @@ def test_failed_run_exits_1_with_one_line_and_leaves_no_ray_processes(tmp_path, 
 def test_sigint_to_a_torchrun_worker_asks_for_a_stop_like_sigterm():
     """The worker loop under torchrun/srun: Ctrl+C (SIGINT) sets the stop flag, as SIGTERM does,
     instead of raising KeyboardInterrupt in the middle of a step."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
+    with kept_signal_handlers():
         session = LocalSession()
         assert not session.stop_requested()
         try:
@@ -136,9 +137,6 @@ def test_sigint_to_a_torchrun_worker_asks_for_a_stop_like_sigterm():
         except KeyboardInterrupt:
             pytest.fail("SIGINT raised KeyboardInterrupt in the worker instead of asking for a stop")
         assert session.stop_requested()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def test_the_embedded_cluster_is_a_new_one_whatever_address_file_is_left(monkeypatch):
