@@ -72,6 +72,7 @@ def test_cli_never_prints_env_values(tmp_path: Path, recipe_file: Path) -> None:
             assert "kubectl create secret generic NAME --from-env-file=.env" in " ".join(proc.stderr.split())
     for written in ("a.sbatch", "job.yaml"):
         assert SECRET not in (tmp_path / written).read_text()
+    assert (tmp_path / "slurm-logs").is_dir(), "sbatch would fail: Slurm does not create the --output folder"
 
 
 # ---------------------------------------------------------------- Slurm

@@ -24,7 +24,8 @@ EnvFileOption = Annotated[
     Path | None, typer.Option(help="Secrets file (KEY=value lines); default: ./.env when present.")
 ]
 PathCheckOption = Annotated[
-    bool, typer.Option(help="Check here that the recipe's model and shard paths exist (off: they live on the cluster).")
+    bool, typer.Option(help="Check here that the recipe's model and shard paths exist and its run folders can be "
+                            "written (off: they live on the cluster).")
 ]
 EXIT_CODES = {"SUCCEEDED": 0, "STOPPED": 75}
 
@@ -147,8 +148,10 @@ def slurm(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(script)
     output.chmod(0o755)
+    # Slurm opens the job's --output file before the script runs and does not create its folder.
+    (output.parent / options.log_dir).mkdir(parents=True, exist_ok=True)
     console.print(f"wrote {output}: {nodes} node(s) x {gpus_per_node} GPU(s), run {cfg.run.name}; "
-                  f"submit with `sbatch {output}`")
+                  f"submit it from {output.parent} with `sbatch {output.name}` (logs in {options.log_dir}/)")
 
 
 @cluster_app.command("k8s")
