@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from difftrain_dist.models.families import FAMILY_NAMES, names_where
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -77,14 +79,16 @@ class RunSection(_Section):
         return value
 
 
-ARCHS = ("sd15", "sdxl", "sd3", "flux")
-DDPM_ARCHS = ("sd15", "sdxl")
-TEXT_ENCODER_LORA_ARCHS = ("sd15", "sdxl")
+ARCHS = FAMILY_NAMES
+DDPM_ARCHS = tuple(names_where(objective="ddpm"))
+TEXT_ENCODER_LORA_ARCHS = tuple(names_where(text_encoder_lora=True))
+OPTIONAL_T5_ARCHS = tuple(names_where(optional_t5=True))
 
 
 class ModelSection(_Section):
-    arch: Literal["sd15", "sdxl", "sd3", "flux"] = "sd15"
-    """Model architecture (sd15, sdxl, sd3, flux — FLUX.1 dev or schnell); picks the adapter."""
+    arch: Literal[ARCHS] = ARCHS[0]  # type: ignore[valid-type]
+    """Model architecture, a name in the table of families (models/families.py: sd15, sdxl, sd3,
+    flux — FLUX.1 dev or schnell); picks the adapter."""
     path: str
     """Local diffusers folder or Hugging Face hub id, loaded with `from_pretrained`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -98,8 +102,9 @@ class ModelSection(_Section):
     def _arch_options(self) -> ModelSection:
         if self.prediction_type is not None and self.arch not in DDPM_ARCHS:
             raise ValueError(f"prediction_type applies to {list(DDPM_ARCHS)}; {self.arch} is a flow-matching model")
-        if not self.use_t5 and self.arch != "sd3":
-            raise ValueError(f"use_t5: false is only for sd3 (T5 is optional there); {self.arch} needs its encoders")
+        if not self.use_t5 and self.arch not in OPTIONAL_T5_ARCHS:
+            raise ValueError(f"use_t5: false is only for {list(OPTIONAL_T5_ARCHS)} (T5 is optional there); "
+                             f"{self.arch} needs its encoders")
         return self
 
     @field_validator("path")
@@ -287,7 +292,8 @@ class Recipe(_Section):
         if self.lora.text_encoder_target_modules and not self.lora.train_text_encoder:
             raise ValueError("lora.text_encoder_target_modules is set but lora.train_text_encoder is false")
         if self.train.flow_shift is not None and arch in DDPM_ARCHS:
-            raise ValueError(f"train.flow_shift applies to flow-matching models (sd3, flux), not {arch}")
+            raise ValueError(f"train.flow_shift applies to flow-matching models "
+                             f"({', '.join(names_where(objective='flow_matching'))}), not {arch}")
         return self
 
     @property

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difftrain_dist.config import ARCHS
 from difftrain_dist.models import (
-    ADAPTERS,
     get_adapter,
     inject_lora,
     lora_config_dict,
@@ -24,7 +22,8 @@ from difftrain_dist.models import (
     save_lora_file,
     training_metadata,
 )
-from difftrain_dist.models.base import TEXT_ENCODER_LORA_TARGETS
+from difftrain_dist.models.base import TEXT_ENCODER_LORA_TARGETS, DiffusionAdapter
+from difftrain_dist.models.families import FAMILIES
 from difftrain_dist.models.lora import LoraComponents
 from difftrain_dist.models.objectives import FlowMatchingObjective, TimestepOptions, sample_unit_times
 
@@ -60,10 +59,16 @@ def _render(pipe, arch: str) -> torch.Tensor:
     return out.images
 
 
-def test_registry_covers_the_recipe_architectures() -> None:
-    assert set(ADAPTERS) == set(ARCHS)
-    for arch, adapter in ADAPTERS.items():
-        assert adapter.arch == arch and adapter.default_lora_targets
+def test_each_family_record_matches_its_adapter() -> None:
+    for family in FAMILIES.values():
+        adapter = family.adapter()
+        assert adapter.arch == family.name and adapter.default_lora_targets
+        assert adapter.pipeline_class.__name__ == family.pipeline_class_name
+        ddpm = adapter.load_objective.__func__ is DiffusionAdapter.load_objective.__func__
+        assert ddpm == (family.objective == "ddpm")
+        assert bool(adapter.text_encoder_names) == family.text_encoder_lora
+        assert ("text_encoder_3" in adapter.optional_components) == family.optional_t5
+        assert family.lora_file_format == "diffusers" or family.lora_file_format == "kohya" and adapter.kohya_prefixes
 
 
 CASES = [(name, fmt) for name in ("sd15", "sdxl", "sd3", "flux") for fmt in ("diffusers", "kohya")]

@@ -8,10 +8,7 @@ from typing import Annotated
 import typer
 
 from difftrain_dist.launcher.common import console, user_errors
-
-# The names of `difftrain_dist.models.tiny.TINY_ARCHS`, spelled out so that `--help` does not
-# import torch/diffusers (tests/test_tiny_models.py checks that the two agree).
-TINY_ARCHS: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux", "flux-schnell")
+from difftrain_dist.models.families import TINY_VARIANTS as TINY_ARCHS
 
 app = typer.Typer(help="Model utilities.", no_args_is_help=True, rich_markup_mode="markdown")
 

@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import PreTrainedTokenizerBase
 
+from difftrain_dist.models.families import Family
 from difftrain_dist.models.objectives import (
     SUPPORTED_PREDICTION_TYPES,
     DDPMObjective,
@@ -40,8 +41,10 @@ class DiffusionAdapter(abc.ABC):
     Subclasses set the class variables and implement `encode_prompts` and `predict`.
     """
 
+    family: ClassVar[Family]
+    """This architecture's record in the table of families (families.py)."""
     arch: ClassVar[str]
-    """Registry name, e.g. "sd15"."""
+    """The family's name, e.g. "sd15" (set from `family`)."""
     lora_prefix: ClassVar[str]
     """Pipeline component name of the denoiser, the key prefix in diffusers LoRA files
     ("unet" or "transformer")."""
@@ -52,9 +55,7 @@ class DiffusionAdapter(abc.ABC):
     kohya_prefixes: ClassVar[dict[str, str]] = {}
     """Component name → key prefix in kohya-format files; empty: no kohya format."""
     lora_file_format: ClassVar[str]
-    """The layout of the LoRA files training writes ("kohya" or "diffusers"): one that every
-    client loading this architecture (diffusers, ComfyUI, A1111/Forge) maps in full at the
-    trained strength (README, "LoRA files")."""
+    """The layout of the LoRA files training writes (the family's `lora_file_format`)."""
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     """The diffusers pipeline class that loads this architecture and its LoRA files."""
     component_loaders: ClassVar[dict[str, Any]]
@@ -67,6 +68,14 @@ class DiffusionAdapter(abc.ABC):
     """Pixels per latent pixel along each side."""
     pixel_multiple: ClassVar[int] = 8
     """Image sides must be multiples of this many pixels (16 where latents are cut in 2×2 patches)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.arch = cls.family.name
+        cls.lora_file_format = cls.family.lora_file_format
+        if cls.pipeline_class.__name__ != cls.family.pipeline_class_name:
+            raise TypeError(f"{cls.__name__}: pipeline_class {cls.pipeline_class.__name__} is not the "
+                            f"family's {cls.family.pipeline_class_name}")
 
     denoiser: torch.nn.Module
     """The UNet/transformer: LoRA goes in here and the trainer wraps it."""

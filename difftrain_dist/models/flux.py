@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from difftrain_dist.models.base import DiffusionAdapter, load_flow_objective
+from difftrain_dist.models.families import FAMILIES
 from difftrain_dist.models.objectives import FlowMatchingObjective, TimestepOptions
 from difftrain_dist.models.sd3 import MMDIT_ATTENTION_TARGETS
 
@@ -24,14 +25,12 @@ class FluxAdapter(DiffusionAdapter):
     shifts σ by resolution (`use_dynamic_shifting`), schnell's does not.
     """
 
-    arch = "flux"
+    family = FAMILIES["flux"]
     lora_prefix = "transformer"
     default_lora_targets = MMDIT_ATTENTION_TARGETS
     # "lora_transformer_<diffusers path>" (OneTrainer's layout): ComfyUI maps it for FLUX, and
     # diffusers' FluxLoraLoaderMixin converts it (_convert_kohya_flux_lora_to_diffusers).
     kohya_prefixes = {"transformer": "lora_transformer"}
-    # A1111's FLUX loader maps LoRA keys only in the peft layout; ComfyUI and Forge map both.
-    lora_file_format = "diffusers"
     pixel_multiple = 16  # 2x2 latent patches
     pipeline_class = FluxPipeline
     component_loaders = {

@@ -20,15 +20,9 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
+from difftrain_dist.models.families import get_family
+
 FORMATS = ("diffusers", "kohya")
-# arch → (ss_base_model_version as kohya writes it, modelspec architecture id from kohya's
-# library/sai_model_spec.py).
-_ARCH_METADATA = {
-    "sd15": ("sd_v1", "stable-diffusion-v1"),
-    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
-    "sd3": ("sd3", "stable-diffusion-3"),
-    "flux": ("flux1", "flux-1-dev"),
-}
 MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 """diffusers' prediction_type → ModelSpec's `modelspec.prediction_type` value."""
 _RESERVED_HEADER_KEYS = ("format", LORA_ADAPTER_METADATA_KEY)
@@ -257,14 +251,12 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 def check_lora_fits(path: Path, arch: str) -> None:
     """Raise ValueError when the LoRA file's `modelspec.architecture` header names another
     architecture than `arch` (files without the header are not judged)."""
-    if arch not in _ARCH_METADATA:
-        raise ValueError(f"arch: unknown architecture {arch!r}; known: {sorted(_ARCH_METADATA)}")
+    family = get_family(arch).modelspec_architecture.removesuffix("-dev")
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
             declared = (handle.metadata() or {}).get("modelspec.architecture")
     except (OSError, safetensors.SafetensorError) as error:
         raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from None
-    family = _ARCH_METADATA[arch][1].removesuffix("-dev")
     if declared and not declared.startswith(family):
         raise ValueError(f"LoRA file {str(path)!r} was trained for {declared.removesuffix('/lora')}, "
                          f"not for this {arch} model")
@@ -286,34 +278,32 @@ def training_metadata(
     """Header entries describing a training run, as kohya sd-scripts and SAI ModelSpec name them.
 
     Returns strings for `ss_network_dim`, `ss_network_alpha`, `ss_base_model_version`
-    (kohya's value, e.g. "sd_v1"), `ss_sd_model_name` (= base_model), `ss_steps`,
+    (the family's `kohya_base_version`, e.g. "sd_v1"), `ss_sd_model_name` (= base_model), `ss_steps`,
     `ss_resolution` ("(W, H)", pixels), `ss_seed`, and ModelSpec 1.0.0
     (https://github.com/Stability-AI/ModelSpec) `modelspec.sai_model_spec`,
-    `modelspec.architecture` ("<arch id>/lora", ids from kohya's sai_model_spec.py),
+    `modelspec.architecture` ("<the family's modelspec_architecture>/lora"),
     `modelspec.implementation` ("diffusers"), `modelspec.title` (default
     "<base_model name> LoRA"), `modelspec.resolution` ("WxH"), `modelspec.date` (ISO 8601,
     default now in UTC; pass `date` for reproducible files), and `modelspec.prediction_type`
     when given. Raises ValueError for an unknown arch or a non-positive rank/alpha/resolution.
     """
-    if arch not in _ARCH_METADATA:
-        raise ValueError(f"arch: unknown architecture {arch!r}; known: {sorted(_ARCH_METADATA)}")
+    family = get_family(arch)
     if rank <= 0 or alpha <= 0:
         raise ValueError(f"rank/alpha: expected positive values, got {rank!r}/{alpha!r}")
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     if width <= 0 or height <= 0:
         raise ValueError(f"resolution: expected positive pixels, got {resolution!r}")
-    base_version, modelspec_arch = _ARCH_METADATA[arch]
     when = date or datetime.datetime.now(datetime.timezone.utc)
     result = {
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
-        "ss_base_model_version": base_version,
+        "ss_base_model_version": family.kohya_base_version,
         "ss_sd_model_name": base_model,
         "ss_steps": str(int(steps)),
         "ss_resolution": f"({width}, {height})",
         "ss_seed": str(int(seed)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{modelspec_arch}/lora",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title or f"{Path(str(base_model)).name} LoRA",
         "modelspec.resolution": f"{width}x{height}",

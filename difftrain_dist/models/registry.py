@@ -1,35 +1,23 @@
-"""Architecture name → adapter class. New architectures add one line here."""
+"""Architecture name → adapter class, through the table of families (families.py)."""
 
 from __future__ import annotations
 
 from difftrain_dist.models.base import DiffusionAdapter
-from difftrain_dist.models.flux import FluxAdapter
-from difftrain_dist.models.sd3 import SD3Adapter
-from difftrain_dist.models.sd15 import SD15Adapter
-from difftrain_dist.models.sdxl import SDXLAdapter
-
-ADAPTERS: dict[str, type[DiffusionAdapter]] = {
-    adapter.arch: adapter for adapter in (SD15Adapter, SDXLAdapter, SD3Adapter, FluxAdapter)
-}
+from difftrain_dist.models.families import FAMILIES, get_family
 
 
 def get_adapter(arch: str) -> type[DiffusionAdapter]:
-    """The adapter class registered under `arch` (e.g. "sd15", "sdxl", "sd3", "flux").
+    """The adapter class of family `arch` (e.g. "sd15", "sdxl", "sd3", "flux").
 
     Raises ValueError naming `arch` and listing the known architectures.
     """
-    try:
-        return ADAPTERS[arch]
-    except KeyError:
-        raise ValueError(
-            f"arch: unknown architecture {arch!r}; known: {sorted(ADAPTERS)}"
-        ) from None
+    return get_family(arch).adapter()
 
 
 def arch_of_model(path: str) -> str:
     """The architecture of a diffusers model folder or hub id, from its model_index.json's
-    `_class_name` (the pipeline class: StableDiffusionPipeline → "sd15", StableDiffusionXLPipeline →
-    "sdxl", StableDiffusion3Pipeline → "sd3", FluxPipeline → "flux").
+    `_class_name` (the pipeline class of each family's `pipeline_class_name`, e.g.
+    StableDiffusionXLPipeline → "sdxl").
 
     Raises ValueError naming the path when model_index.json cannot be read or names another pipeline.
     """
@@ -39,10 +27,10 @@ def arch_of_model(path: str) -> str:
         class_name = DiffusionPipeline.load_config(str(path))["_class_name"]
     except (OSError, KeyError, ValueError) as error:
         raise ValueError(f"model {path!r}: cannot read its model_index.json ({error})") from None
-    for arch, adapter in ADAPTERS.items():
-        if adapter.pipeline_class.__name__ == class_name:
-            return arch
-    known = ", ".join(f"{a.pipeline_class.__name__} ({arch})" for arch, a in ADAPTERS.items())
+    for family in FAMILIES.values():
+        if family.pipeline_class_name == class_name:
+            return family.name
+    known = ", ".join(f"{f.pipeline_class_name} ({f.name})" for f in FAMILIES.values())
     raise ValueError(f"model {path!r} is a {class_name}; supported: {known}")
 
 
@@ -53,6 +41,6 @@ def checked_arch(path: str, arch: str | None) -> str:
     """
     found = arch_of_model(path)
     if arch is not None and arch != found:
-        get_adapter(arch)  # an unknown name gets the list of known ones
-        raise ValueError(f"--arch {arch}: the model at {path!r} is {found} ({ADAPTERS[found].pipeline_class.__name__})")
+        get_family(arch)  # an unknown name gets the list of known ones
+        raise ValueError(f"--arch {arch}: the model at {path!r} is {found} ({FAMILIES[found].pipeline_class_name})")
     return found

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from difftrain_dist.models.base import DiffusionAdapter
+from difftrain_dist.models.families import FAMILIES
 
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """Attention projections of diffusers' UNet2DConditionModel (self- and cross-attention)."""
@@ -21,13 +22,12 @@ class SD15Adapter(DiffusionAdapter):
     Epsilon or v-prediction (the scheduler's, or the recipe's `model.prediction_type`).
     """
 
-    arch = "sd15"
+    family = FAMILIES["sd15"]
     lora_prefix = "unet"
     default_lora_targets = UNET_ATTENTION_TARGETS
     text_encoder_names = ("text_encoder",)
     # kohya sd-scripts networks/lora.py: SD1.x text encoder keys are "lora_te_…".
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
-    lora_file_format = "kohya"  # ComfyUI and A1111 map SD1.x UNet LoRA keys only in the kohya layout
     pipeline_class = StableDiffusionPipeline
     component_loaders = {
         "tokenizer": CLIPTokenizer,

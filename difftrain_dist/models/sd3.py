@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipe
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from difftrain_dist.models.base import DiffusionAdapter, load_flow_objective
+from difftrain_dist.models.families import FAMILIES
 from difftrain_dist.models.objectives import FlowMatchingObjective, TimestepOptions
 
 MMDIT_ATTENTION_TARGETS = (
@@ -26,12 +27,11 @@ class SD3Adapter(DiffusionAdapter):
     zeros, as SD3 was trained to accept (Esser et al. 2024, §5.3.3).
     """
 
-    arch = "sd3"
+    family = FAMILIES["sd3"]
     lora_prefix = "transformer"
     default_lora_targets = MMDIT_ATTENTION_TARGETS
     # No kohya layout: diffusers has no converter for kohya-style SD3 files, so none is written.
     kohya_prefixes = {}
-    lora_file_format = "diffusers"  # ComfyUI and A1111 map SD3's peft keys; no kohya layout exists
     pixel_multiple = 16  # 2x2 latent patches
     pipeline_class = StableDiffusion3Pipeline
     component_loaders = {

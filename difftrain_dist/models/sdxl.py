@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from difftrain_dist.models.base import DiffusionAdapter
+from difftrain_dist.models.families import FAMILIES
 from difftrain_dist.models.sd15 import UNET_ATTENTION_TARGETS
 
 
@@ -21,13 +22,12 @@ class SDXLAdapter(DiffusionAdapter):
     crop top, left, target height, width) in px (Podell et al. 2023, §2.2 "micro-conditioning").
     """
 
-    arch = "sdxl"
+    family = FAMILIES["sdxl"]
     lora_prefix = "unet"
     default_lora_targets = UNET_ATTENTION_TARGETS
     text_encoder_names = ("text_encoder", "text_encoder_2")
     # kohya sd-scripts sdxl_train_network.py: "lora_te1_…" (ViT-L), "lora_te2_…" (bigG).
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    lora_file_format = "kohya"  # ComfyUI and A1111 map SDXL UNet LoRA keys only in the kohya layout
     pipeline_class = StableDiffusionXLPipeline
     component_loaders = {
         "tokenizer": CLIPTokenizer,

@@ -1,6 +1,6 @@
 """Tiny random-weight pipelines for tests and the demo, built locally (no downloads).
 
-Each architecture has one builder in `_TINY_BUILDERS`; `init_tiny` looks it up, builds the
+Each tiny variant has one builder, named in the table of families (families.py); `init_tiny` looks it up, builds the
 pipeline with a fixed seed and writes it in diffusers format, so that every later
 `from_pretrained(out_dir, subfolder=...)` takes the same code path as a real checkpoint.
 
@@ -19,7 +19,6 @@ CLIP's 77 positions, schedulers), but with hidden sizes of 32-128 and 1-2 layers
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from difftrain_dist.models.families import TINY_VARIANTS, tiny_builder
 from difftrain_dist.models.tiny_tokenizers import (  # noqa: F401  (re-exported: the tiny models' tokenizers)
     BOS_TOKEN,
     EOS_TOKEN,
@@ -157,7 +157,7 @@ def _tiny_t5_encoder(vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
+def build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
     """Tiny SD1.5-architecture pipeline: UNet (32, 64), 4-block VAE (scale 8), 2-layer CLIP."""
     tokenizer_dir = write_tiny_clip_tokenizer_files(work_dir / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
@@ -189,7 +189,7 @@ def _build_sd15(seed: int, work_dir: Path) -> DiffusionPipeline:
     )
 
 
-def _build_sdxl(seed: int, work_dir: Path) -> DiffusionPipeline:
+def build_sdxl(seed: int, work_dir: Path) -> DiffusionPipeline:
     """Tiny SDXL-architecture pipeline (layout of stabilityai/stable-diffusion-xl-base-1.0).
 
     UNet (32, 64) with a plain first block and a cross-attention second block (2 transformer
@@ -254,7 +254,7 @@ def _build_sdxl(seed: int, work_dir: Path) -> DiffusionPipeline:
     )
 
 
-def _build_sd3(seed: int, work_dir: Path) -> DiffusionPipeline:
+def build_sd3(seed: int, work_dir: Path) -> DiffusionPipeline:
     """Tiny SD3-architecture pipeline (layout of stabilityai/stable-diffusion-3-medium-diffusers).
 
     MMDiT: 2 joint blocks (the last one context-pre-only), 4 heads of 8 (32 wide), patch 2 on
@@ -363,26 +363,19 @@ def _flux_scheduler(*, shift: float, use_dynamic_shifting: bool) -> FlowMatchEul
     )
 
 
-def _build_flux_dev(seed: int, work_dir: Path) -> DiffusionPipeline:
+def build_flux_dev(seed: int, work_dir: Path) -> DiffusionPipeline:
     """Tiny FLUX.1-dev: guidance-distilled (`guidance_embeds=True`), resolution-dependent shift."""
     scheduler = _flux_scheduler(shift=3.0, use_dynamic_shifting=True)
     return _build_flux(seed, work_dir, guidance_embeds=True, scheduler=scheduler)
 
 
-def _build_flux_schnell(seed: int, work_dir: Path) -> DiffusionPipeline:
+def build_flux_schnell(seed: int, work_dir: Path) -> DiffusionPipeline:
     """Tiny FLUX.1-schnell: no guidance embedding, fixed shift 1.0 (no dynamic shifting)."""
     scheduler = _flux_scheduler(shift=1.0, use_dynamic_shifting=False)
     return _build_flux(seed, work_dir, guidance_embeds=False, scheduler=scheduler)
 
 
-_TINY_BUILDERS: dict[str, Callable[[int, Path], DiffusionPipeline]] = {
-    "sd15": _build_sd15,
-    "sdxl": _build_sdxl,
-    "sd3": _build_sd3,
-    "flux": _build_flux_dev,
-    "flux-schnell": _build_flux_schnell,
-}
-TINY_ARCHS: tuple[str, ...] = tuple(_TINY_BUILDERS)
+TINY_ARCHS: tuple[str, ...] = TINY_VARIANTS
 
 
 def init_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
@@ -400,14 +393,13 @@ def init_tiny(arch: str, out_dir: Path, seed: int = 0) -> Path:
     T5 tokenizers are a Unigram tokenizer made here (see `tiny_t5_tokenizer`). Every VAE has
     4 blocks so that latents are 1/8 of the pixel size.
 
-    Raises ValueError if `arch` is not one of `sorted(_TINY_BUILDERS)`.
+    Raises ValueError if `arch` is not one of `TINY_ARCHS`.
     Returns `out_dir`.
     """
-    if arch not in _TINY_BUILDERS:
-        raise ValueError(f"arch: unknown architecture {arch!r}; known: {sorted(_TINY_BUILDERS)}")
+    build = tiny_builder(arch)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
-        pipeline = _TINY_BUILDERS[arch](seed, out_dir)
+        pipeline = build(seed, out_dir)
         pipeline.save_pretrained(out_dir)
     return out_dir

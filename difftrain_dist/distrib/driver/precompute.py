@@ -91,7 +91,7 @@ class ShardEncoder:
             yield key, latents[i], {name: value[i] for name, value in conditioning.items()}
 
 
-def precompute_shards(shards_dir: str | os.PathLike[str], model_path: str, *, arch: str = "sd15",
+def precompute_shards(shards_dir: str | os.PathLike[str], model_path: str, *, arch: str,
                       num_workers: int | None = None) -> list[ShardResult]:
     """Encode every shard of `shards_dir` on a pool of Ray actors and record the sidecars in its
     index.json (`precomputed` block). Ray must be initialised (see ray_job.init_ray).
@@ -136,7 +136,7 @@ def precompute_shards(shards_dir: str | os.PathLike[str], model_path: str, *, ar
     return results
 
 
-def run_precompute(shards_dir: str | os.PathLike[str], model_path: str, *, arch: str = "sd15",
+def run_precompute(shards_dir: str | os.PathLike[str], model_path: str, *, arch: str,
                    address: str | None = None, num_workers: int | None = None) -> list[ShardResult]:
     """`precompute_shards` on the cluster at `address` (or RAY_ADDRESS), else on an embedded local
     one that is shut down afterwards."""
