@@ -125,3 +125,7 @@ def samples(built) -> list[dict]:
                          "caption": members["txt"].decode("utf-8"),
                          "pixels": np.asarray(Image.open(io.BytesIO(members["jpg"])))})
     return rows
+
+
+EMPTY_INDEX = '{"version": 2, "resolutions": [], "num_samples": 0, "shards": [], "buckets": {}}'
+"""A valid index.json of no shards: recipes validate against it without building any."""

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from difftrain_dist.config import Recipe, RecipeError, load_recipe
 from difftrain_dist.launcher.app import app
 
+from .shard_sources import EMPTY_INDEX
+
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
@@ -23,7 +25,7 @@ def paths(tmp_path):
     (model / "model_index.json").write_text("{}")
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "index.json").write_text("{}")
+    (shards / "index.json").write_text(EMPTY_INDEX)
     return model, shards
 
 
@@ -167,7 +169,7 @@ def test_resume_identity_follows_contents_not_paths(tmp_path, paths):
 
 def test_resolution_must_be_one_the_shards_were_built_at(tmp_path, paths):
     model, shards = paths
-    (shards / "index.json").write_text('{"version": 2, "resolutions": [64, 128]}')
+    (shards / "index.json").write_text(EMPTY_INDEX.replace('"resolutions": []', '"resolutions": [64, 128]'))
     path = write_recipe(tmp_path, model, shards)
     assert load_recipe(path).data.resolution == 64
     assert load_recipe(path, ["data.resolution=null"]).data.resolution == 128

@@ -10,6 +10,8 @@ from difftrain_dist.config import DataSection
 from difftrain_dist.data_shards import CaptionTransform
 from difftrain_dist.data_shards.captions import fill_placeholders
 
+from .shard_sources import EMPTY_INDEX
+
 TAGS = "ohwx, a cat, sitting, on a sofa, red, indoors, photo"
 
 
@@ -62,7 +64,7 @@ def test_bad_values_name_the_field(tmp_path):
         CaptionTransform(dropout=1.5)
     with pytest.raises(ValueError, match="keep_tokens"):
         CaptionTransform(keep_tokens=-1)
-    (tmp_path / "index.json").write_text("{}")
+    (tmp_path / "index.json").write_text(EMPTY_INDEX)
     section = DataSection(shards=tmp_path, caption_dropout=0.1, shuffle_captions=True, keep_tokens=1,
                           trigger_word="sks")
     assert (section.caption_dropout, section.keep_tokens, section.trigger_word) == (0.1, 1, "sks")

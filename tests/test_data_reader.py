@@ -3,7 +3,6 @@ seed and epoch; a resumed stream equals the tail of an unskipped one."""
 
 from __future__ import annotations
 
-import json
 from itertools import islice
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from difftrain_dist.data_shards import ShardStream, build_shards
+from difftrain_dist.data_shards import ShardStream, build_shards, merge_indexes
 
 from .shard_sources import DATA, RES, write_input
 
@@ -25,7 +24,7 @@ def uneven(tmp_path_factory) -> Path:
     """One index over three separately built shards of 5, 2 and 4 photo crops; captions unique."""
     root = tmp_path_factory.mktemp("uneven")
     photos = [np.asarray(Image.open(DATA / n).convert("RGB")) for n in ("astronaut.png", "coffee.png")]
-    shards, number = [], 0
+    number = 0
     for part, size in enumerate(SIZES):
         src = root / f"src{part}"
         for _ in range(size):
@@ -34,11 +33,8 @@ def uneven(tmp_path_factory) -> Path:
             write_input(src, f"crop{number:02d}.png", Image.fromarray(crop), caption=False)
             (src / f"crop{number:02d}.txt").write_text(f"sample {number:02d}")
             number += 1
-        index = build_shards(src, root / f"part{part}", resolution=16, samples_per_shard=100)
-        shards += [{**vars(s), "name": f"part{part}/{s.name}"} for s in index.shards]
-    merged = {"version": 1, "resolution": 16, "num_samples": sum(SIZES), "shards": shards,
-              "buckets": {"16x16": sum(SIZES)}, "skipped": []}
-    (root / "index.json").write_text(json.dumps(merged))
+        build_shards(src, root / f"part{part}", resolution=16, samples_per_shard=100)
+    merge_indexes(root, [root / f"part{part}" for part in range(len(SIZES))])
     return root
 
 

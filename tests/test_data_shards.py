@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from difftrain_dist.data_shards import ShardIndex, ShardStream, build_shards
-from difftrain_dist.data_shards.index import sha256_file
-from difftrain_dist.data_shards.precomputed import Precomputed, SidecarInfo, sidecar_name, tar_samples, write_sidecar
+from difftrain_dist.data_shards.index import Precomputed, SidecarInfo, sha256_file
+from difftrain_dist.data_shards.precomputed import sidecar_name, tar_samples, write_sidecar
 
 from .shard_sources import KEPT, RES, SKIPPED, TRIGGER, caption_for, read_tar, write_input
 
@@ -273,8 +273,9 @@ def test_corrupt_precomputed_sidecar_is_named(built, tmp_path):
         path = copy / sidecar_name(shard.name)
         write_sidecar(path, [(s["__key__"], np.zeros((8, 4, 4)), {"encoder_hidden_states": np.ones((7, 8))})
                              for s in tar_samples(index.shard_path(i))])
-        sidecars.append(SidecarInfo(path.name, sha256_file(path)))
-    index.precomputed = Precomputed("tiny", "sd15", ("encoder_hidden_states",), tuple(sidecars))
+        sidecars.append(SidecarInfo(name=path.name, sha256=sha256_file(path)))
+    index.precomputed = Precomputed(model="tiny", arch="sd15", conditioning=("encoder_hidden_states",),
+                                    sidecars=tuple(sidecars))
     index.save(copy)
     batch = next(iter(ShardStream(copy, micro_batch_size=1, global_rank=0, world_size=1, seed=0)))
     assert batch["latent_parameters"].shape == (1, 8, 4, 4)  # the sidecars are read

@@ -4,7 +4,6 @@ of the collector's way during the step loop."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import yaml
 
 from difftrain_dist.config import load_recipe
 from difftrain_dist.data_shards import ShardIndex, ShardStream
-from difftrain_dist.data_shards.precomputed import Precomputed
+from difftrain_dist.data_shards.index import Precomputed
 from difftrain_dist.distrib.data import check_data_fits_model, make_loader
 from difftrain_dist.distrib.loop import frozen_setup_objects
 from difftrain_dist.distrib.trainee import precomputed_text_unusable
@@ -45,12 +44,13 @@ def test_shards_must_suit_the_architecture(tmp_path, tiny_model, photo_shards):
     index = ShardIndex.load(photo_shards)
     sd3 = _recipe(tmp_path, tiny_model("sd3"), photo_shards, "sd3")
     check_data_fits_model(sd3, index)  # 64 px buckets: fine
-    odd = dataclasses.replace(index, shards=[dataclasses.replace(s, buckets={"72x72": s.num_samples})
-                                             for s in index.shards])
+    odd = index.model_copy(update={"shards": [s.model_copy(update={"buckets": {"72x72": s.num_samples}})
+                                              for s in index.shards]})
     check_data_fits_model(_recipe(tmp_path, tiny_model("sd15"), photo_shards), odd)  # 72 = 9 latents: fine for sd15
     with pytest.raises(ValueError, match=r"72x72.*multiples of 16.*sd3"):
         check_data_fits_model(sd3, odd)
-    other = dataclasses.replace(index, precomputed=Precomputed("m", "sd15", ("encoder_hidden_states",), ()))
+    other = index.model_copy(update={"precomputed": Precomputed(
+        model="m", arch="sd15", conditioning=("encoder_hidden_states",), sidecars=())})
     with pytest.raises(ValueError, match="precomputed for arch 'sd15'.*'sd3'.*shards precompute"):
         check_data_fits_model(sd3, other)
 

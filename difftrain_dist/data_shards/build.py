@@ -134,10 +134,10 @@ def _write_samples(items, opts: BuildOptions, sink: _ShardSink,
     for item in items:
         samples, skips, upscales = _prepare_all(item, opts, missing)
         for skip in skips:
-            skipped.append(SkippedInput(item.source, skip.reason, skip.kind))
+            skipped.append(SkippedInput(source=item.source, reason=skip.reason, kind=skip.kind))
             log.warning("skipping %s: %s", item.source, skip.reason)
         for res, reason in upscales:
-            upscaled.append(UpscaledInput(item.source, res, reason))
+            upscaled.append(UpscaledInput(source=item.source, resolution=res, reason=reason))
             log.info("upscaling %s: %s", item.source, reason)
         for sample, bucket in samples:
             sink.write(sample, bucket)
@@ -273,9 +273,9 @@ class _ShardSink:
 
 def _write_index(out: Path, sink: _ShardSink, skipped: list[SkippedInput], upscaled: list[UpscaledInput],
                  opts: BuildOptions) -> ShardIndex:
-    shards = [ShardInfo(name, sum(c.values()), sha256_file(out / name),
-                        {b: c[b] for b in sorted(c, key=parse_bucket)},
-                        opts.num_repeats, (out / name).stat().st_size) for name, c in sorted(sink.counts.items())]
+    shards = [ShardInfo(name=name, num_samples=sum(c.values()), sha256=sha256_file(out / name),
+                        buckets={b: c[b] for b in sorted(c, key=parse_bucket)}, repeats=opts.num_repeats,
+                        num_bytes=(out / name).stat().st_size) for name, c in sorted(sink.counts.items())]
     histogram: Counter[str] = Counter()
     for shard in shards:
         histogram.update(shard.buckets)

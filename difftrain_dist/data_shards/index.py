@@ -6,7 +6,7 @@ Format (version 2)::
      "shards": [{"name": "shard-000000.tar", "num_samples": 5, "sha256": "<hex>", "repeats": 1,
                  "buckets": {"512x512": 3, "576x384": 2}, "num_bytes": 40960}, ...],
      "buckets": {"512x512": 7, "576x384": 4},
-     "skipped": [{"source": "sub/bad.jpg", "kind": "decode", "reason": "cannot decode image: ..."}],
+     "skipped": [{"source": "sub/bad.jpg", "reason": "cannot decode image: ...", "kind": "decode"}],
      "upscaled": [{"source": "sub/small.png", "resolution": 512, "reason": "smaller than ..."}],
      "build": {"bucket_step": 64, ...}}
 
@@ -15,21 +15,22 @@ Format (version 2)::
   bucket ("WxH", px). The top-level `buckets` is the histogram of all stored samples.
 - `sha256` (hex) and `num_bytes` (the tar's size) let readers refuse a corrupt or truncated
   shard: `ShardIndex.load` compares every shard's size (one stat each), the reader hashes each
-  shard before yielding any of its samples (see `ShardIndex.verify_shard`). `num_bytes` is
-  optional (indexes written before it existed are checked by sha256 alone).
+  shard before yielding any of its samples (see `ShardIndex.verify_shard`). Without `num_bytes`
+  a shard is checked by sha256 alone.
 - `repeats` (ai-toolkit's `num_repeats`): the reader yields every sample of that shard this many
   times per epoch. Per-epoch bucket counts are therefore `buckets[b] * repeats`, which is all a
   reader needs to compute its quotas without opening a tar.
 - `skipped` lists every input left out, with a short `kind` (e.g. "decode", "no_caption",
   "duplicate_stem", "small_image") and a human-readable `reason`.
 - `upscaled` lists every sample written larger than its source image (`small_images: upscale`):
-  source, resolution (px) and reason (sizes and scale). Absent in older files (read as []).
+  source, resolution (px) and reason (sizes and scale).
 - `build` records the options the shards were built with (informational). Nothing in the file
   depends on when or where it was built: the same inputs and options give the same bytes.
 - `precomputed` (optional) lists the sidecar tars of VAE latent parameters and text embeddings
-  written by `shards precompute`, one per shard (see precomputed.py).
+  written by `shards precompute`, one per shard (see `Precomputed` and precomputed.py).
 
-Version 1 files (one square bucket, no per-shard buckets) are still read.
+The file is read and written only through the pydantic models below (`ShardIndex.load`,
+`ShardIndex.save`); an invalid file raises ValueError naming the file and the field.
 """
 
 from __future__ import annotations
@@ -37,18 +38,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
 from .buckets import parse_bucket
-from .precomputed import Precomputed, SidecarInfo
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 2
-READ_VERSIONS = (1, 2)
 
 
 def local_path(path_or_url: str | os.PathLike[str]) -> Path:
@@ -109,87 +119,131 @@ def check_file(path: Path, sha256: str, num_bytes: int | None = None, what: str 
                          f"{advice}")
 
 
-def _item(record: object, field_name: str) -> Any:
-    if field_name not in record.__dataclass_fields__:
-        raise KeyError(field_name)
-    return getattr(record, field_name)
 
+class _Record(BaseModel):
+    """A JSON object of index.json: strict types, unknown fields refused, read as attributes
+    (`info.name`) or like the JSON object (`info["name"]`)."""
 
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard: `name` relative to the index folder, its stored sample count, sha256 (hex), its
-    samples per bucket ("WxH" -> count, summing to `num_samples`), `repeats` per epoch and its
-    size in bytes (`num_bytes`; None in indexes written before sizes were recorded).
-
-    Fields read as attributes (`info.name`) or like the JSON object (`info["name"]`).
-    """
-
-    name: str
-    num_samples: int
-    sha256: str
-    buckets: dict[str, int] = field(default_factory=dict)
-    repeats: int = 1
-    num_bytes: int | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def __getitem__(self, field_name: str) -> Any:
-        """`info["name"]` reads like the JSON object (KeyError for unknown fields)."""
-        return _item(self, field_name)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object stored in index.json (`num_bytes` left out when unknown)."""
-        return {k: v for k, v in vars(self).items() if not (k == "num_bytes" and v is None)}
+        """`record["name"]` reads like the JSON object (KeyError for unknown fields)."""
+        if field_name not in type(self).model_fields:
+            raise KeyError(field_name)
+        return getattr(self, field_name)
 
 
-@dataclass(frozen=True)
-class SkippedInput:
+def _check_bucket_names(counts: dict[str, int]) -> dict[str, int]:
+    for name in counts:
+        parse_bucket(name)
+    return counts
+
+
+BucketCounts = Annotated[dict[str, NonNegativeInt], AfterValidator(_check_bucket_names)]
+"""Samples per bucket: "WxH" (px) → count >= 0."""
+
+
+class ShardInfo(_Record):
+    """One shard: `name` relative to the index folder, its stored sample count, sha256 (hex), its
+    samples per bucket ("WxH" -> count, summing to `num_samples`), `repeats` per epoch and its
+    size in bytes (`num_bytes`; None: not recorded, checked by sha256 alone)."""
+
+    name: str
+    num_samples: int = Field(ge=0)
+    sha256: str
+    buckets: BucketCounts = Field(default_factory=dict)
+    repeats: int = Field(1, ge=1)
+    num_bytes: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _buckets_add_up(self) -> ShardInfo:
+        if sum(self.buckets.values()) != self.num_samples:
+            raise ValueError(f"field 'buckets' adds up to {sum(self.buckets.values())} samples, "
+                             f"but 'num_samples' is {self.num_samples}")
+        return self
+
+
+class SkippedInput(_Record):
     """An input that was left out: `source` (path relative to the source folder, `TAR#KEY` for a
-    tar member, or a URL), why (`reason`), and a short `kind` for counting.
-
-    Fields read as attributes (`item.source`) or like the JSON object (`item["source"]`).
-    """
+    tar member, or a URL), why (`reason`), and a short `kind` for counting."""
 
     source: str
     reason: str
     kind: str = "other"
 
-    def __getitem__(self, field_name: str) -> Any:
-        """`skipped["source"]` reads like the JSON object (KeyError for unknown fields)."""
-        return _item(self, field_name)
 
-
-@dataclass(frozen=True)
-class UpscaledInput:
+class UpscaledInput(_Record):
     """A sample written larger than its source (`small_images: upscale`): `source` (as in
     `SkippedInput`), the training `resolution` (px) and a human-readable `reason` (sizes in px,
-    scale factor).
-
-    Fields read as attributes (`item.source`) or like the JSON object (`item["source"]`).
-    """
+    scale factor)."""
 
     source: str
-    resolution: int
+    resolution: int = Field(ge=1)
     reason: str
 
-    def __getitem__(self, field_name: str) -> Any:
-        """`upscaled["source"]` reads like the JSON object (KeyError for unknown fields)."""
-        return _item(self, field_name)
+
+class SidecarInfo(_Record):
+    """One shard's sidecar of precomputed latents / embeddings: `name` relative to the index
+    folder and its sha256 (hex)."""
+
+    name: str
+    sha256: str
 
 
-@dataclass
-class ShardIndex:
-    """In-memory `index.json`. `root` is the folder holding it (shard names resolve against it)."""
+class Precomputed(_Record):
+    """index.json's `precomputed` block::
 
+        {"model": "/models/sd15", "arch": "sd15", "conditioning": ["encoder_hidden_states"],
+         "sidecars": [{"name": "shard-000000.precomputed.tar", "sha256": "<hex>"}, ...]}
+
+    `sidecars[i]` belongs to `shards[i]`; `conditioning` names the `KEY.<name>.npy` members (the
+    keyword arguments `encode_prompts` returned); `model`/`arch` say what computed them.
+    """
+
+    model: str
+    arch: str
+    conditioning: tuple[str, ...]
+    sidecars: tuple[SidecarInfo, ...]
+
+    @field_validator("conditioning")
+    @classmethod
+    def _member_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if not all(n and "." not in n and n != "latent" for n in names):
+            raise ValueError(f"should list member names (no dots, not 'latent'), found {list(names)!r}")
+        return names
+
+
+class ShardIndex(BaseModel):
+    """In-memory `index.json` (see the module docstring). `root` is the folder holding it (shard
+    names resolve against it); it is set by `load` and `save`, not stored in the file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    version: Literal[2] = INDEX_VERSION
     resolutions: list[int]
-    num_samples: int
+    num_samples: int = Field(ge=0)
     shards: list[ShardInfo]
-    buckets: dict[str, int]
-    skipped: list[SkippedInput] = field(default_factory=list)
-    upscaled: list[UpscaledInput] = field(default_factory=list)
-    build: dict[str, Any] = field(default_factory=dict)
-    version: int = INDEX_VERSION
-    root: Path | None = None
+    buckets: BucketCounts
+    skipped: list[SkippedInput] = Field(default_factory=list)
+    upscaled: list[UpscaledInput] = Field(default_factory=list)
+    build: dict[str, Any] = Field(default_factory=dict)
     precomputed: Precomputed | None = None
     """Sidecars of precomputed latents / embeddings (None: the reader yields pixels only)."""
+    _root: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _counts_add_up(self) -> ShardIndex:
+        total = sum(self.shard_sizes)
+        if total != self.num_samples:
+            raise ValueError(f"field 'num_samples' is {self.num_samples} but the shards list {total} samples")
+        if self.precomputed is not None and len(self.precomputed.sidecars) != len(self.shards):
+            raise ValueError(f"field 'precomputed.sidecars' lists {len(self.precomputed.sidecars)} sidecars "
+                             f"for {len(self.shards)} shards; run `shards precompute` again")
+        return self
+
+    @property
+    def root(self) -> Path | None:
+        """The folder holding index.json (None until saved or loaded)."""
+        return self._root
 
     @property
     def shard_sizes(self) -> list[int]:
@@ -218,9 +272,9 @@ class ShardIndex:
         Raises:
             ValueError: if the index has no `root` (it was never saved or loaded).
         """
-        if self.root is None:
+        if self._root is None:
             raise ValueError("ShardIndex.root is not set: load the index with ShardIndex.load(path)")
-        return self.root / self.shards[i].name
+        return self._root / self.shards[i].name
 
     def sidecar_path(self, i: int) -> Path:
         """Local path of shard `i`'s precomputed sidecar.
@@ -229,24 +283,16 @@ class ShardIndex:
             ValueError: if the index has no `precomputed` block or no `root`.
         """
         if self.precomputed is None:
-            raise ValueError(f"index {self.root}: has no precomputed sidecars (run `shards precompute`)")
+            raise ValueError(f"index {self._root}: has no precomputed sidecars (run `shards precompute`)")
         self.shard_path(i)  # checks root
-        return self.root / self.precomputed.sidecars[i].name
+        return self._root / self.precomputed.sidecars[i].name
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (without `root`), always in the current format version."""
-        doc = {
-            "version": INDEX_VERSION,
-            "resolutions": list(self.resolutions),
-            "num_samples": self.num_samples,
-            "shards": [s.to_dict() for s in self.shards],
-            "buckets": dict(self.buckets),
-            "skipped": [vars(s) for s in self.skipped],
-            "upscaled": [vars(u) for u in self.upscaled],
-            "build": dict(self.build),
-        }
-        if self.precomputed is not None:
-            doc["precomputed"] = self.precomputed.to_dict()
+        """The JSON document (without `root`; `num_bytes` and `precomputed` left out when None)."""
+        doc = self.model_dump(mode="json", exclude={"precomputed"} if self.precomputed is None else set())
+        for shard in doc["shards"]:
+            if shard["num_bytes"] is None:
+                del shard["num_bytes"]
         return doc
 
     def save(self, folder: Path) -> Path:
@@ -256,8 +302,7 @@ class ShardIndex:
         tmp = folder / (INDEX_NAME + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-        self.root = folder
-        self.version = INDEX_VERSION
+        self._root = folder
         return path
 
     @classmethod
@@ -276,11 +321,15 @@ class ShardIndex:
         if not path.is_file():
             raise ValueError(f"{path}: shard index not found (expected {INDEX_NAME} written by build_shards)")
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: not a valid JSON shard index ({exc})") from exc
-        index = _from_dict(doc, path)
-        index.root = path.parent
+        try:
+            index = cls.model_validate_json(text)
+        except ValidationError as err:
+            raise ValueError(f"{path}: {_first_problem(err)}") from None
+        index._root = path.parent
         for i in range(len(index.shards)):
             if not index.shard_path(i).is_file():
                 raise ValueError(f"{path}: shards[{i}] file {index.shard_path(i)} does not exist")
@@ -345,15 +394,14 @@ def merge_indexes(root: Path, parts: list[Path]) -> ShardIndex:
         if rel == ".":
             raise ValueError(f"{part}: is the merge folder itself; give its sub-folders")
         index = ShardIndex.load(part)
-        shards += [replace(s, name=f"{rel}/{s.name}", buckets=dict(s.buckets)) for s in index.shards]
-        skipped += [SkippedInput(f"{rel}: {s.source}", s.reason, s.kind) for s in index.skipped]
-        upscaled += [replace(u, source=f"{rel}: {u.source}") for u in index.upscaled]
+        shards += [s.model_copy(update={"name": f"{rel}/{s.name}"}) for s in index.shards]
+        skipped += [s.model_copy(update={"source": f"{rel}: {s.source}"}) for s in index.skipped]
+        upscaled += [u.model_copy(update={"source": f"{rel}: {u.source}"}) for u in index.upscaled]
         resolutions += [r for r in index.resolutions if r not in resolutions]
         for name, count in index.buckets.items():
             buckets[name] = buckets.get(name, 0) + count
-        precomputed.append(None if index.precomputed is None else replace(
-            index.precomputed, sidecars=tuple(SidecarInfo(f"{rel}/{s.name}", s.sha256)
-                                              for s in index.precomputed.sidecars)))
+        precomputed.append(None if index.precomputed is None else index.precomputed.model_copy(update={
+            "sidecars": tuple(s.model_copy(update={"name": f"{rel}/{s.name}"}) for s in index.precomputed.sidecars)}))
     merged = ShardIndex(resolutions=resolutions, num_samples=sum(s.num_samples for s in shards),
                         shards=shards, buckets=buckets, skipped=skipped, upscaled=upscaled,
                         build={"merged": [Path(p).resolve().relative_to(root.resolve()).as_posix()
@@ -370,95 +418,22 @@ def _merged_precomputed(parts: list[Precomputed | None]) -> Precomputed | None:
     first = parts[0]
     if any((p.model, p.arch, p.conditioning) != (first.model, first.arch, first.conditioning) for p in parts):
         return None
-    return replace(first, sidecars=tuple(s for p in parts for s in p.sidecars))
+    return first.model_copy(update={"sidecars": tuple(s for p in parts for s in p.sidecars)})
 
 
-def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in doc:
-        raise ValueError(f"{where}: missing field '{key}'")
-    value = doc[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: field '{key}' should be {kind}, found {type(value).__name__} {value!r}")
-    return value
-
-
-def _counts(raw: Any, where: str) -> dict[str, int]:
-    if not isinstance(raw, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in raw.items()):
-        raise ValueError(f"{where}: field 'buckets' should map 'WxH' to sample counts >= 0, found {raw!r}")
-    for name in raw:
-        try:
-            parse_bucket(name)
-        except ValueError as exc:
-            raise ValueError(f"{where}: field 'buckets': {exc}") from None
-    return dict(raw)
-
-
-def _shard(raw: Any, where: str, version: int, single_bucket: str | None) -> ShardInfo:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected an object, found {raw!r}")
-    name, num = _get(raw, "name", str, where), _get(raw, "num_samples", int, where)
-    sha = _get(raw, "sha256", str, where)
-    size = _get(raw, "num_bytes", int, where) if "num_bytes" in raw else None
-    if size is not None and size < 0:
-        raise ValueError(f"{where}: field 'num_bytes' should be >= 0, found {size}")
-    if version == 1:  # one square bucket for the whole index
-        return ShardInfo(name, num, sha, {single_bucket: num} if single_bucket and num else {}, 1, size)
-    buckets = _counts(_get(raw, "buckets", dict, where), where)
-    repeats = _get(raw, "repeats", int, where)
-    if repeats < 1:
-        raise ValueError(f"{where}: field 'repeats' should be >= 1, found {repeats}")
-    if sum(buckets.values()) != num:
-        raise ValueError(f"{where}: field 'buckets' adds up to {sum(buckets.values())} samples, "
-                         f"but 'num_samples' is {num}")
-    return ShardInfo(name, num, sha, buckets, repeats, size)
-
-
-def _from_dict(doc: Any, path: Path) -> ShardIndex:
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(doc).__name__}")
-    where = str(path)
-    version = _get(doc, "version", int, where)
-    if version not in READ_VERSIONS:
-        raise ValueError(f"{path}: field 'version' is {version}, this reader understands {READ_VERSIONS}")
-    buckets = _counts(_get(doc, "buckets", dict, where), where)
-    if version == 1:
-        resolutions = [_get(doc, "resolution", int, where)]
-        if len(buckets) > 1:
-            raise ValueError(f"{path}: a version 1 index has one bucket, found {sorted(buckets)}; rebuild it")
-        single = next(iter(buckets), None)
-    else:
-        resolutions = _get(doc, "resolutions", list, where)
-        single = None
-    shards = [_shard(raw, f"{path}: shards[{i}]", version, single)
-              for i, raw in enumerate(_get(doc, "shards", list, where))]
-    skipped = []
-    for i, raw in enumerate(_get(doc, "skipped", list, where)):
-        at = f"{path}: skipped[{i}]"
-        if not isinstance(raw, dict):
-            raise ValueError(f"{at}: expected an object, found {raw!r}")
-        skipped.append(SkippedInput(_get(raw, "source", str, at), _get(raw, "reason", str, at),
-                                    raw.get("kind", "other")))
-    upscaled = []
-    for i, raw in enumerate(_get(doc, "upscaled", list, where) if "upscaled" in doc else []):
-        at = f"{path}: upscaled[{i}]"
-        if not isinstance(raw, dict):
-            raise ValueError(f"{at}: expected an object, found {raw!r}")
-        upscaled.append(UpscaledInput(_get(raw, "source", str, at), _get(raw, "resolution", int, at),
-                                      _get(raw, "reason", str, at)))
-    build = doc.get("build", {})
-    if not isinstance(build, dict):
-        raise ValueError(f"{path}: field 'build' should be an object, found {build!r}")
-    precomputed = doc.get("precomputed")
-    if precomputed is not None:
-        precomputed = Precomputed.from_dict(precomputed, where, len(shards))
-    index = ShardIndex(resolutions=resolutions, num_samples=_get(doc, "num_samples", int, where),
-                       shards=shards, buckets=buckets, skipped=skipped, upscaled=upscaled,
-                       build=build, version=version, precomputed=precomputed)
-    total = sum(index.shard_sizes)
-    if total != index.num_samples or any(n < 0 for n in index.shard_sizes):
-        raise ValueError(
-            f"{path}: field 'num_samples' is {index.num_samples} but the shards list {total} samples"
-        )
-    return index
+def _first_problem(err: ValidationError) -> str:
+    """pydantic's first error as `shards[0]: missing field 'sha256'` or
+    `field 'version': input should be 2 (found 1)`."""
+    first = err.errors()[0]
+    loc = list(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    field_name = loc.pop() if loc and isinstance(loc[-1], str) and first["type"] != "value_error" else None
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if field_name is None:
+        return f"{where}: {message}" if loc else message
+    at = f"{where}: " if where else ""
+    if first["type"] == "missing":
+        return f"{at}missing field '{field_name}'"
+    if first["type"] == "extra_forbidden":
+        return f"{at}unknown field '{field_name}'"
+    return f"{at}field '{field_name}': {message[:1].lower()}{message[1:]} (found {first.get('input')!r})"

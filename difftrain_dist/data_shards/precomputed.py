@@ -9,7 +9,7 @@ Each shard `NAME.tar` may have a sidecar `NAME.precomputed.tar`, written next to
 - `KEY.<name>.npy`  float32: one row of each conditioning tensor `encode_prompts([caption])`
   returns (e.g. `encoder_hidden_states` [77, D] for SD1.5), of the caption stored in the shard.
 
-index.json records them in a `precomputed` block (see `Precomputed`); the shards themselves are
+index.json records them in a `precomputed` block (see `index.Precomputed`); the shards themselves are
 never modified. Nothing here imports models or Ray: the encoding runs in `distrib/precompute.py`.
 """
 
@@ -20,7 +20,6 @@ import os
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,66 +36,6 @@ def sidecar_name(shard_name: str) -> str:
     """`shard-000000.tar` → `shard-000000.precomputed.tar` (same folder as the shard)."""
     stem = shard_name[:-len(".tar")] if shard_name.endswith(".tar") else shard_name
     return stem + SIDECAR_SUFFIX
-
-
-@dataclass(frozen=True)
-class SidecarInfo:
-    """One shard's sidecar: `name` relative to the index folder and its sha256 (hex)."""
-
-    name: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Precomputed:
-    """index.json's `precomputed` block::
-
-        {"model": "/models/sd15", "arch": "sd15", "conditioning": ["encoder_hidden_states"],
-         "sidecars": [{"name": "shard-000000.precomputed.tar", "sha256": "<hex>"}, ...]}
-
-    `sidecars[i]` belongs to `shards[i]`; `conditioning` names the `KEY.<name>.npy` members (the
-    keyword arguments `encode_prompts` returned); `model`/`arch` say what computed them.
-    """
-
-    model: str
-    arch: str
-    conditioning: tuple[str, ...]
-    sidecars: tuple[SidecarInfo, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object stored in index.json."""
-        return {"model": self.model, "arch": self.arch, "conditioning": list(self.conditioning),
-                "sidecars": [{"name": s.name, "sha256": s.sha256} for s in self.sidecars]}
-
-    @classmethod
-    def from_dict(cls, raw: Any, where: str, num_shards: int) -> Precomputed:
-        """Validate the JSON object.
-
-        Raises:
-            ValueError: naming `where` and the field, for a wrong type or a sidecar count that
-                differs from the number of shards.
-        """
-        if not isinstance(raw, dict):
-            raise ValueError(f"{where}: field 'precomputed' should be an object, found {raw!r}")
-        for key, kind in (("model", str), ("arch", str), ("conditioning", list), ("sidecars", list)):
-            if not isinstance(raw.get(key), kind):
-                raise ValueError(f"{where}: field 'precomputed.{key}' should be {kind.__name__}, "
-                                 f"found {raw.get(key)!r}")
-        names = raw["conditioning"]
-        if not all(isinstance(n, str) and n and "." not in n and n != "latent" for n in names):
-            raise ValueError(f"{where}: field 'precomputed.conditioning' should list member names "
-                             f"(no dots, not 'latent'), found {names!r}")
-        sidecars = []
-        for i, item in enumerate(raw["sidecars"]):
-            if not (isinstance(item, dict) and isinstance(item.get("name"), str)
-                    and isinstance(item.get("sha256"), str)):
-                raise ValueError(f"{where}: precomputed.sidecars[{i}] should be "
-                                 f"{{'name': str, 'sha256': str}}, found {item!r}")
-            sidecars.append(SidecarInfo(item["name"], item["sha256"]))
-        if len(sidecars) != num_shards:
-            raise ValueError(f"{where}: field 'precomputed.sidecars' lists {len(sidecars)} sidecars "
-                             f"for {num_shards} shards; run `shards precompute` again")
-        return cls(raw["model"], raw["arch"], tuple(names), tuple(sidecars))
 
 
 def tar_samples(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

@@ -22,8 +22,8 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from difftrain_dist.data_shards.index import ShardIndex, sha256_file
-from difftrain_dist.data_shards.precomputed import Precomputed, SidecarInfo, sidecar_name, write_sidecar
+from difftrain_dist.data_shards.index import Precomputed, ShardIndex, SidecarInfo, sha256_file
+from difftrain_dist.data_shards.precomputed import sidecar_name, write_sidecar
 from difftrain_dist.data_shards.reader import read_shard_images, to_pixel_values
 from difftrain_dist.models import get_adapter
 
@@ -128,8 +128,8 @@ def precompute_shards(shards_dir: str | os.PathLike[str], model_path: str, *, ar
     names = {r.conditioning for r in results if r.num_samples}
     if len(names) != 1:
         raise ValueError(f"shards precompute: actors returned different conditioning names {sorted(names)}")
-    index.precomputed = Precomputed(model, arch, names.pop(),
-                                    tuple(SidecarInfo(r.sidecar, r.sha256) for r in results))
+    index.precomputed = Precomputed(model=model, arch=arch, conditioning=names.pop(),
+                                    sidecars=tuple(SidecarInfo(name=r.sidecar, sha256=r.sha256) for r in results))
     index.save(index.root)
     log.info("precomputed %d shards on %d actor(s) in %d process(es)", len(results), workers,
              len({(r.host, r.pid) for r in results}))

@@ -11,12 +11,22 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from difftrain_dist.models.families import FAMILY_NAMES, names_where
+
+if TYPE_CHECKING:
+    from difftrain_dist.data_shards.index import ShardIndex
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -166,7 +176,7 @@ class DataSection(_Section):
     def _resolution_of_the_shards(self, info: ValidationInfo) -> DataSection:
         if not _checks_paths(info):
             return self
-        built = _shard_resolutions(self.shards.expanduser() / "index.json")
+        built = _read_index(self.shards.expanduser()).resolutions
         if self.resolution is None:
             if built:
                 self.__dict__["resolution"] = max(built)
@@ -274,6 +284,8 @@ class Recipe(_Section):
     distributed: DistributedSection = DistributedSection()
     checkpoint: CheckpointSection = CheckpointSection()
     sample: SampleSection = SampleSection()
+    _identity: dict[str, Any] | None = PrivateAttr(None)
+    """`resume_identity`, read on first use (fields are final once `recipe_from_dict` returns)."""
 
     @model_validator(mode="after")
     def _cpu_runs_in_fp32(self) -> Recipe:
@@ -304,7 +316,13 @@ class Recipe(_Section):
     def resume_identity(self) -> dict[str, Any]:
         """What must not change for a run to continue from its checkpoints: seed, model, LoRA shape
         and data. Folders count by their contents (model configs, shard checksums), not their paths,
-        so moving a model or shards folder keeps the run resumable."""
+        so moving a model or shards folder keeps the run resumable. Computed once per recipe (it
+        reads the model's configs and the shard index); a copy is returned."""
+        if self._identity is None:
+            self._identity = self._read_identity()
+        return dict(self._identity)
+
+    def _read_identity(self) -> dict[str, Any]:
         return {
             "run.seed": self.run.seed,
             "model.arch": self.model.arch,
@@ -326,14 +344,10 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
-def _shard_resolutions(index: Path) -> list[int]:
-    """Resolutions an index.json was built at (version 1: "resolution", version 2: "resolutions")."""
-    try:
-        doc = json.loads(index.read_text())
-        found = doc.get("resolutions", [doc.get("resolution")])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [r for r in found if isinstance(r, int)]
+def _read_index(folder: Path) -> ShardIndex:
+    from difftrain_dist.data_shards.index import ShardIndex  # the data package imports torch
+
+    return ShardIndex.load(folder)
 
 
 def _digest_files(files: list[Path]) -> str:
@@ -351,107 +365,9 @@ def _model_identity(path: str) -> str:
 
 
 def _shards_identity(folder: Path) -> str:
-    index = Path(folder) / "index.json"
+    """The shards' checksums, or the folder's path where it cannot be read here (a cluster path)."""
     try:
-        shards = json.loads(index.read_text()).get("shards", [])
-        return "shards:" + hashlib.sha256(json.dumps([s.get("sha256") for s in shards]).encode()).hexdigest()
-    except (OSError, ValueError, AttributeError):
+        shards = _read_index(Path(folder)).shards
+    except ValueError:
         return str(folder)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.field=value` overrides to a raw recipe dict (values parsed as YAML scalars).
-
-    Raises:
-        RecipeError: an override without `=` or whose path crosses a non-mapping value.
-    """
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=2e-4")
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text else None
-    return raw
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"  {where}: required field is missing")
-        else:
-            found = e.get("input")
-            message = e["msg"].removeprefix("Value error, ")
-            quoted = isinstance(found, (str, Path)) and str(found) and str(found) in message
-            shown = "" if isinstance(found, dict) or quoted else f" (found {found!r})"
-            lines.append(f"  {where}: {message}{shown}")
-    return "\n".join(lines)
-
-
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", *, check_paths: bool = True) -> Recipe:
-    """Validate a raw mapping into a :class:`Recipe`, resolving paths to absolute ones.
-
-    `check_paths=False` validates everything but the file system: model and shard paths are
-    taken as given (they live on a cluster), not looked up or resolved.
-
-    Raises:
-        RecipeError: listing every invalid, missing or unknown field with its dotted path.
-    """
-    try:
-        recipe = Recipe.model_validate(raw, context={"check_paths": check_paths})
-    except ValidationError as err:
-        raise RecipeError(_format_errors(err, source)) from None
-    return _absolute_paths(recipe) if check_paths else recipe
-
-
-def load_recipe(
-    path: Path,
-    overrides: list[str] | None = None,
-    *,
-    replace: dict[str, Any] | None = None,
-    check_paths: bool = True,
-) -> Recipe:
-    """Read a YAML recipe, apply `--set` overrides and validate it.
-
-    Relative paths in the recipe are taken relative to the current directory. `replace` sets
-    dotted fields to values as given (no YAML parsing), after the overrides. `check_paths`: see
-    `recipe_from_dict`.
-
-    Raises:
-        RecipeError: the file is missing, is not a YAML mapping, or fails validation.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a YAML mapping of sections (run, model, data, train, ...)")
-    raw = apply_overrides(raw, overrides or [])
-    for key, value in (replace or {}).items():
-        *sections, field = key.split(".")
-        node = raw
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[field] = value
-    return recipe_from_dict(raw, source=str(path), check_paths=check_paths)
-
-
-def _absolute_paths(recipe: Recipe) -> Recipe:
-    recipe.run.output_dir = recipe.run.output_dir.expanduser().resolve()
-    recipe.run.storage_path = recipe.run.storage_path.expanduser().resolve()
-    recipe.data.shards = recipe.data.shards.expanduser().resolve()
-    local = Path(recipe.model.path).expanduser()
-    if local.is_dir():
-        recipe.model.path = str(local.resolve())
-    return recipe
+    return "shards:" + hashlib.sha256(json.dumps([s.sha256 for s in shards]).encode()).hexdigest()
