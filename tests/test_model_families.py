@@ -167,10 +167,12 @@ def test_sdxl_size_conditioning_changes_the_prediction(tiny_model) -> None:
     timesteps = torch.tensor([500])
     with torch.no_grad():
         plain = adapter.predict(adapter.denoiser, noisy, timesteps, conditioning)
-        same = adapter.predict(adapter.denoiser, noisy, timesteps, conditioning,
-                               original_sizes=torch.tensor([[64, 64]]), crops_top_left=torch.tensor([[0, 0]]))
-        cropped = adapter.predict(adapter.denoiser, noisy, timesteps, conditioning,
-                                  original_sizes=torch.tensor([[300, 200]]), crops_top_left=torch.tensor([[40, 0]]))
+        same = adapter.predict(adapter.denoiser, noisy, timesteps, {
+            **conditioning, "original_sizes": torch.tensor([[64, 64]]), "crops_top_left": torch.tensor([[0, 0]])})
+        # The sizes travel from the reader's batch into the conditioning.
+        batch = {"captions": ["a cat"], "original_sizes": torch.tensor([[300, 200]]),
+                 "crops_top_left": torch.tensor([[40, 0]])}
+        cropped = adapter.predict(adapter.denoiser, noisy, timesteps, adapter.batch_conditioning(batch))
     torch.testing.assert_close(plain, same)
     assert (plain - cropped).abs().max() > 1e-4
 

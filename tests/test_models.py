@@ -27,7 +27,7 @@ from difftrain_dist.models import (
     strip_adapter_name,
     training_metadata,
 )
-from difftrain_dist.models.tiny import tiny_clip_vocab
+from difftrain_dist.models.tiny.tokenizers import tiny_clip_vocab
 
 from .lora_checks import hand_merged_unet, lora_scale, outputs_without_and_with_lora, randomize_lora, unet_output
 

@@ -94,7 +94,7 @@ def test_worker_uses_precomputed_batches(precomputed, adapter):
 
     shards, _ = precomputed
     batch = next(iter(ShardStream(shards, micro_batch_size=2, global_rank=0, world_size=1, seed=0)))
-    trainee = SimpleNamespace(adapter=adapter, device=torch.device("cpu"), precomputed_conditioning=True,
+    trainee = SimpleNamespace(adapter=adapter, device=torch.device("cpu"),
                               noise_generator=torch.Generator().manual_seed(1))
     latents = step.batch_latents(trainee, batch)
     trainee.noise_generator = torch.Generator().manual_seed(1)
@@ -102,6 +102,6 @@ def test_worker_uses_precomputed_batches(precomputed, adapter):
     torch.testing.assert_close(latents, step.batch_latents(trainee, pixels_only), atol=1e-5, rtol=0)
     # conditioning is taken from the batch only when the recipe leaves captions as stored
     marker = {"encoder_hidden_states": torch.zeros(2, 77, 1)}
-    assert step.batch_conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] == 1
-    trainee.precomputed_conditioning = False
-    assert step.batch_conditioning(trainee, {**batch, "conditioning": marker})["encoder_hidden_states"].shape[-1] != 1
+    marked = {**batch, "conditioning": marker}
+    assert adapter.batch_conditioning(marked, precomputed=True)["encoder_hidden_states"].shape[-1] == 1
+    assert adapter.batch_conditioning(marked, precomputed=False)["encoder_hidden_states"].shape[-1] != 1

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from transformers import T5TokenizerFast
 
 from difftrain_dist.models import init_tiny
-from difftrain_dist.models.tiny import TINY_ARCHS, tiny_t5_tokenizer, tiny_t5_vocab
+from difftrain_dist.models.tiny import TINY_ARCHS
+from difftrain_dist.models.tiny.tokenizers import tiny_t5_tokenizer, tiny_t5_vocab
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "sdxl": StableDiffusionXLPipeline,

@@ -42,11 +42,8 @@ def forward_backward(trainee: Trainee, batch: dict[str, Any]) -> float:
     with torch.no_grad():
         latents = batch_latents(trainee, batch)
     with torch.set_grad_enabled(trainee.trains_text_encoder):
-        conditioning = batch_conditioning(trainee, batch)
-    loss = trainee.adapter.training_loss(
-        trainee.engine, latents, conditioning, trainee.noise_generator,
-        original_sizes=batch.get("original_sizes"), crops_top_left=batch.get("crops_top_left"),
-    )
+        conditioning = trainee.adapter.batch_conditioning(batch, precomputed=trainee.precomputed_conditioning)
+    loss = trainee.adapter.training_loss(trainee.engine, latents, conditioning, trainee.noise_generator)
     trainee.engine.backward(loss)
     return float(loss.detach())
 
@@ -58,13 +55,6 @@ def batch_latents(trainee: Trainee, batch: dict[str, Any]) -> torch.Tensor:
         return trainee.adapter.latents_from_parameters(parameters, generator=trainee.noise_generator)
     pixels = batch["pixel_values"].to(trainee.device, non_blocking=True)
     return trainee.adapter.encode_images(pixels, generator=trainee.noise_generator)
-
-
-def batch_conditioning(trainee: Trainee, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The text conditioning of the batch: precomputed when usable, else encoded from "captions"."""
-    if trainee.precomputed_conditioning and "conditioning" in batch:
-        return {name: value.to(trainee.device, non_blocking=True) for name, value in batch["conditioning"].items()}
-    return trainee.adapter.encode_prompts(batch["captions"])
 
 
 def reduce_step_stats(loss: float, stop: bool, device: torch.device | None = None) -> tuple[float, bool]:

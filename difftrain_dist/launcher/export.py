@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from difftrain_dist.launcher.common import console, user_errors
+from difftrain_dist.models.families import FAMILIES
+
+_DEFAULT_FORMATS = ", ".join(f"{f.lora_file_format} for {name}" for name, f in FAMILIES.items())
 
 
 def export(
@@ -16,7 +19,7 @@ def export(
     format: Annotated[
         str | None,
         typer.Option("--format", help="kohya or diffusers; default: the one training writes for the "
-                     "architecture (kohya for sd15/sdxl, diffusers for sd3/flux), which every client loads."),
+                     f"architecture ({_DEFAULT_FORMATS}), which every client loads."),
     ] = None,
 ) -> None:
     """Consolidate a checkpoint's DeepSpeed shards into one safetensors LoRA file."""

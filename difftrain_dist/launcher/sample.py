@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from difftrain_dist.launcher.common import console, user_errors
+from difftrain_dist.models.families import FAMILY_NAMES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -18,7 +19,7 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
     lora: Annotated[Path | None, typer.Option(help="LoRA .safetensors file to load.")] = None,
     arch: Annotated[
-        str | None, typer.Option(help="Model architecture: sd15, sdxl, sd3 or flux (default: read from the model).")
+        str | None, typer.Option(help=f"Model architecture: {', '.join(FAMILY_NAMES)} (default: read from the model).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,9 +22,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import PreTrainedTokenizerBase
 
-from difftrain_dist.models.families import Family
+from difftrain_dist.models.families import Family, family_of_adapter
+from difftrain_dist.models.loading import check_model_path, freeze, has_folder, load_component, load_noise_scheduler
 from difftrain_dist.models.objectives import (
-    SUPPORTED_PREDICTION_TYPES,
     DDPMObjective,
     FlowMatchingObjective,
     TimestepOptions,
@@ -42,7 +41,8 @@ class DiffusionAdapter(abc.ABC):
     """
 
     family: ClassVar[Family]
-    """This architecture's record in the table of families (families.py)."""
+    """This architecture's record in the table of families (families.py): the record whose
+    `adapter_path` names the class, set when the class is defined."""
     arch: ClassVar[str]
     """The family's name, e.g. "sd15" (set from `family`)."""
     lora_prefix: ClassVar[str]
@@ -71,6 +71,10 @@ class DiffusionAdapter(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        cls.family = family_of_adapter(path) or getattr(cls, "family", None)
+        if cls.family is None:
+            raise TypeError(f"{path}: no record of the table of families (families.py) names this adapter")
         cls.arch = cls.family.name
         cls.lora_file_format = cls.family.lora_file_format
         if cls.pipeline_class.__name__ != cls.family.pipeline_class_name:
@@ -139,7 +143,7 @@ class DiffusionAdapter(abc.ABC):
         objective = cls.load_objective(path, prediction_type, timesteps)
         components: dict[str, Any] = {}
         for name, loader in cls.component_loaders.items():
-            if name in cls.optional_components and (not load_optional or not _has_folder(path, name)):
+            if name in cls.optional_components and (not load_optional or not has_folder(path, name)):
                 components[name] = None
                 continue
             if isinstance(loader, type) and issubclass(loader, PreTrainedTokenizerBase):
@@ -220,11 +224,25 @@ class DiffusionAdapter(abc.ABC):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
-        *,
-        original_sizes: torch.Tensor | None = None,
-        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The denoiser's prediction, [B, C, h, w] like `noisy_latents` (see subclasses)."""
+        """The denoiser's prediction, [B, C, h, w] like `noisy_latents` (see subclasses);
+        `conditioning` is what `batch_conditioning` returns."""
+
+    def image_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Conditioning `predict` takes from the images rather than the captions (SDXL's sizes
+        and crops); none by default."""
+        return {}
+
+    def batch_conditioning(self, batch: dict[str, Any], *, precomputed: bool = False) -> dict[str, torch.Tensor]:
+        """Everything `predict` is conditioned on for a reader batch (see `ShardStream`): the
+        text conditioning (the batch's precomputed "conditioning" moved to `self.device` when
+        `precomputed` and present, else `encode_prompts(batch["captions"])`) and
+        `image_conditioning(batch)`."""
+        if precomputed and "conditioning" in batch:
+            text = {name: value.to(self.device, non_blocking=True) for name, value in batch["conditioning"].items()}
+        else:
+            text = self.encode_prompts(batch["captions"])
+        return {**text, **self.image_conditioning(batch)}
 
     def check_captions(self, captions: list[str]) -> None:
         """Raise ValueError unless `captions` is a non-empty list of strings."""
@@ -286,9 +304,6 @@ class DiffusionAdapter(abc.ABC):
         latents: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
         generator: torch.Generator,
-        *,
-        original_sizes: torch.Tensor | None = None,
-        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training loss for one micro-batch.
 
@@ -296,12 +311,9 @@ class DiffusionAdapter(abc.ABC):
             denoiser: `self.denoiser` or a wrapper around it (e.g. a DeepSpeed engine) that
                 `predict` calls.
             latents: [B, C, h, w] scaled latents (any float dtype) on the training device.
-            conditioning: output of `encode_prompts` for the same B rows.
+            conditioning: `batch_conditioning` (or `encode_prompts`) for the same B rows.
             generator: torch.Generator on `latents.device`; noise ([B, C, h, w], N(0, 1)) and
                 timesteps come from it only, so the same generator state gives the same loss.
-            original_sizes, crops_top_left: [B, 2] int64 (height, width) of the source image
-                and (top, left) of the crop, in px; SDXL's micro-conditioning (ignored by the
-                other architectures; None: no crop, source size = target size).
 
         Returns a scalar float32 tensor: the mean squared error, computed in float32, between
         the prediction and the objective's target (epsilon / v for DDPM, ε - x₀ for flow
@@ -332,8 +344,6 @@ class DiffusionAdapter(abc.ABC):
             noised.noisy_latents.to(model_dtype),
             noised.timesteps,
             model_kwargs,
-            original_sizes=original_sizes,
-            crops_top_left=crops_top_left,
         )
         return F.mse_loss(prediction.float(), noised.target.float(), reduction="mean")
 
@@ -344,106 +354,3 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
         if param.is_floating_point():
             return param.dtype
     return torch.float32
-
-
-def check_model_path(path: str, subfolders: tuple[str, ...]) -> None:
-    """Fail early, naming the path, when a local model folder is missing or incomplete.
-
-    A `path` that does not exist locally and looks like a hub id ("org/name") is left for
-    `from_pretrained` to resolve. Raises ValueError for a missing local folder or a missing
-    component subfolder.
-    """
-    local = Path(path).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ValueError(f"model path {path!r}: expected a diffusers folder, found a file")
-        missing = [name for name in subfolders if not (local / name).is_dir()]
-        if missing:
-            raise ValueError(
-                f"model path {path!r}: missing component folder(s) {missing}; "
-                f"a diffusers model folder has {list(subfolders)}"
-            )
-        return
-    parts = str(path).split("/")
-    looks_like_hub_id = len(parts) == 2 and all(parts) and not str(path).startswith((".", "~"))
-    if not looks_like_hub_id:
-        raise ValueError(f"model path {path!r}: no such folder (and not a hub id 'org/name')")
-
-
-def load_component(loader: Any, path: str, subfolder: str, **kwargs: Any) -> Any:
-    """`loader.from_pretrained(path, subfolder=subfolder, **kwargs)`, errors naming the path.
-
-    Raises ValueError (chained to the original OSError) when the component
-    cannot be found or read, e.g. a hub id while offline.
-    """
-    try:
-        return loader.from_pretrained(path, subfolder=subfolder, **kwargs)
-    except OSError as error:
-        raise ValueError(f"model path {path!r}: cannot load {subfolder}/: {error}") from error
-
-
-def freeze(module: torch.nn.Module, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Move `module` to `device`/`dtype`, put it in eval mode and turn off requires_grad.
-
-    Diffusers models should already be loaded in `dtype` (`dtype=`): diffusers warns when
-    `.to(dtype)` casts a model that has modules to keep in float32.
-    """
-    module.to(device=device)
-    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
-        module.to(dtype=dtype)
-    module.eval()
-    module.requires_grad_(False)
-    return module
-
-
-def _has_folder(path: str, name: str) -> bool:
-    """True when `path` is a hub id (left to from_pretrained) or a local folder with `name`/."""
-    local = Path(path).expanduser()
-    return not local.exists() or (local / name).is_dir()
-
-
-def load_flow_objective(
-    path: str, prediction_type: str | None, timesteps: TimestepOptions
-) -> FlowMatchingObjective:
-    """Flow-matching objective with the shift settings of `path`/scheduler's config
-    (a FlowMatchEulerDiscreteScheduler's: shift, use_dynamic_shifting, base/max shift).
-
-    Raises ValueError when a prediction_type is given (flow models predict velocity) or the
-    scheduler config cannot be read.
-    """
-    if prediction_type is not None:
-        raise ValueError(
-            f"prediction_type: {prediction_type!r} applies to DDPM models (sd15, sdxl); "
-            "flow-matching models always predict the velocity"
-        )
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    try:
-        config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
-    except OSError as error:
-        raise ValueError(f"model path {path!r}: cannot load scheduler/: {error}") from error
-    return FlowMatchingObjective(config, timesteps)
-
-
-def load_noise_scheduler(path: str, prediction_type: str | None) -> DDPMScheduler:
-    """DDPMScheduler from `path`/scheduler, optionally overriding `prediction_type`.
-
-    The config may be any diffusers scheduler's (SD1.5 ships PNDM's); DDPMScheduler reads the
-    shared beta-schedule fields. Raises ValueError for a prediction_type other than
-    "epsilon" or "v_prediction".
-    """
-    overrides: dict[str, Any] = {}
-    if prediction_type is not None:
-        if prediction_type not in SUPPORTED_PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type: expected one of {SUPPORTED_PREDICTION_TYPES}, "
-                f"got {prediction_type!r}"
-            )
-        overrides["prediction_type"] = prediction_type
-    scheduler = load_component(DDPMScheduler, path, "scheduler", **overrides)
-    if scheduler.config.prediction_type not in SUPPORTED_PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type: {path!r}/scheduler has {scheduler.config.prediction_type!r}; "
-            f"expected one of {SUPPORTED_PREDICTION_TYPES}"
-        )
-    return scheduler

@@ -66,22 +66,23 @@ FAMILIES: dict[str, Family] = {
         Family("sd15", "StableDiffusionPipeline", "ddpm",
                text_encoder_lora=True, optional_t5=False, lora_file_format="kohya",
                kohya_base_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
-               tiny_variants={"sd15": f"{_TINY}:build_sd15"},
+               tiny_variants={"sd15": f"{_TINY}.sd15:build_sd15"},
                adapter_path="difftrain_dist.models.sd15:SD15Adapter"),
         Family("sdxl", "StableDiffusionXLPipeline", "ddpm",
                text_encoder_lora=True, optional_t5=False, lora_file_format="kohya",
                kohya_base_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
-               tiny_variants={"sdxl": f"{_TINY}:build_sdxl"},
+               tiny_variants={"sdxl": f"{_TINY}.sdxl:build_sdxl"},
                adapter_path="difftrain_dist.models.sdxl:SDXLAdapter"),
         Family("sd3", "StableDiffusion3Pipeline", "flow_matching",
                text_encoder_lora=False, optional_t5=True, lora_file_format="diffusers",
                kohya_base_version="sd3", modelspec_architecture="stable-diffusion-3",
-               tiny_variants={"sd3": f"{_TINY}:build_sd3"},
+               tiny_variants={"sd3": f"{_TINY}.sd3:build_sd3"},
                adapter_path="difftrain_dist.models.sd3:SD3Adapter"),
         Family("flux", "FluxPipeline", "flow_matching",
                text_encoder_lora=False, optional_t5=False, lora_file_format="diffusers",
                kohya_base_version="flux1", modelspec_architecture="flux-1-dev",
-               tiny_variants={"flux": f"{_TINY}:build_flux_dev", "flux-schnell": f"{_TINY}:build_flux_schnell"},
+               tiny_variants={"flux": f"{_TINY}.flux:build_flux_dev",
+                              "flux-schnell": f"{_TINY}.flux:build_flux_schnell"},
                adapter_path="difftrain_dist.models.flux:FluxAdapter"),
     )
 }
@@ -97,6 +98,11 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"arch: unknown architecture {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def family_of_adapter(adapter_path: str) -> Family | None:
+    """The record whose `adapter_path` is `adapter_path` ("module:Class"), None when no record names it."""
+    return next((f for f in FAMILIES.values() if f.adapter_path == adapter_path), None)
 
 
 def names_where(**traits: object) -> list[str]:

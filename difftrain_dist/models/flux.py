@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from difftrain_dist.models.base import DiffusionAdapter, load_flow_objective
-from difftrain_dist.models.families import FAMILIES
+from difftrain_dist.models.base import DiffusionAdapter
+from difftrain_dist.models.loading import load_flow_objective
 from difftrain_dist.models.objectives import FlowMatchingObjective, TimestepOptions
 from difftrain_dist.models.sd3 import MMDIT_ATTENTION_TARGETS
 
@@ -25,7 +25,6 @@ class FluxAdapter(DiffusionAdapter):
     shifts σ by resolution (`use_dynamic_shifting`), schnell's does not.
     """
 
-    family = FAMILIES["flux"]
     lora_prefix = "transformer"
     default_lora_targets = MMDIT_ATTENTION_TARGETS
     # "lora_transformer_<diffusers path>" (OneTrainer's layout): ComfyUI maps it for FLUX, and
@@ -68,9 +67,6 @@ class FluxAdapter(DiffusionAdapter):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
-        *,
-        original_sizes: torch.Tensor | None = None,
-        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Transformer velocity at σ = `timesteps` ([B] in [0, 1], what FluxPipeline passes as
         `timestep / 1000`), unpacked back to [B, 16, h, w] (h, w even)."""

@@ -71,28 +71,7 @@ def inject_lora(
     Returns the LoraConfig used. Raises ValueError for a bad rank/alpha/dropout, an empty
     target list, or a target that matches no module (the error names it).
     """
-    if int(rank) != rank or rank <= 0:
-        raise ValueError(f"rank: expected a positive integer, got {rank!r}")
-    if alpha <= 0:
-        raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-    targets = sorted(set(target_modules))
-    if not targets:
-        raise ValueError("target_modules: expected at least one module name")
-    names = [name for name, _ in module.named_modules()]
-    unmatched = [t for t in targets if not any(_matches(name, t) for name in names)]
-    if unmatched:
-        raise ValueError(
-            f"target_modules: {unmatched} match no module of {type(module).__name__}"
-        )
-    config = LoraConfig(
-        r=int(rank),
-        lora_alpha=alpha,
-        target_modules=targets,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-    )
+    config = _checked_config(module, rank=rank, alpha=alpha, target_modules=target_modules, dropout=dropout)
     module.requires_grad_(False)
     if isinstance(module, ModelMixin):
         module.add_adapter(config, adapter_name=ADAPTER_NAME)
@@ -105,6 +84,26 @@ def inject_lora(
         param.requires_grad_(_is_lora_param(name))
     cast_training_params(module, dtype=torch.float32)
     return config
+
+
+def _checked_config(module: torch.nn.Module, *, rank: int, alpha: float, target_modules: Sequence[str],
+                    dropout: float) -> LoraConfig:
+    """peft's LoraConfig for `inject_lora`, after checking every argument against `module`."""
+    if int(rank) != rank or rank <= 0:
+        raise ValueError(f"rank: expected a positive integer, got {rank!r}")
+    if alpha <= 0:
+        raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    targets = sorted(set(target_modules))
+    if not targets:
+        raise ValueError("target_modules: expected at least one module name")
+    names = [name for name, _ in module.named_modules()]
+    unmatched = [t for t in targets if not any(_matches(name, t) for name in names)]
+    if unmatched:
+        raise ValueError(f"target_modules: {unmatched} match no module of {type(module).__name__}")
+    return LoraConfig(r=int(rank), lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
+                      init_lora_weights="gaussian")
 
 
 def _is_lora_param(name: str) -> bool:

@@ -19,6 +19,7 @@ import safetensors.torch
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+from pydantic import BaseModel, ConfigDict
 
 from difftrain_dist.models.families import get_family
 
@@ -30,6 +31,74 @@ _RESERVED_HEADER_KEYS = ("format", LORA_ADAPTER_METADATA_KEY)
 # level) but not CLIPTextModelWithProjection; files always carry `text_model.`, the layout that
 # ComfyUI, A1111 and kohya map (diffusers strips it again when the loaded model lacks it).
 _CLIP_TEXT_CHILDREN = ("embeddings.", "encoder.layers.", "final_layer_norm.")
+
+
+def _header_key(name: str) -> str:
+    """Python field name → header key: `modelspec_title` → `modelspec.title`, `difftrain_x` →
+    `difftrain.x`; kohya's `ss_*` and the rest are spelled as they are."""
+    for namespace in ("modelspec", "difftrain"):
+        if name.startswith(namespace + "_"):
+            return namespace + "." + name.removeprefix(namespace + "_")
+    return name
+
+
+class LoraHeader(BaseModel):
+    """The `__metadata__` header of a LoRA safetensors file, every value a string (all that
+    safetensors stores). Named fields are the keys this project writes and reads: kohya
+    sd-scripts' `ss_*` (train_network.py), SAI ModelSpec 1.0.0's `modelspec.*`
+    (https://github.com/Stability-AI/ModelSpec), diffusers' `lora_adapter_metadata` (a JSON
+    string, see `save_lora_file`) and safetensors' `format`. Any other key of a file written
+    elsewhere is kept as it is. Build from header keys (`LoraHeader.model_validate(metadata)`);
+    `metadata()` gives them back."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, alias_generator=_header_key,
+                              validate_by_name=True, validate_by_alias=True)
+    __pydantic_extra__: dict[str, str]
+    format: str | None = None
+    lora_adapter_metadata: str | None = None
+    ss_network_dim: str | None = None
+    ss_network_alpha: str | None = None
+    ss_network_module: str | None = None
+    ss_base_model_version: str | None = None
+    ss_sd_model_name: str | None = None
+    ss_steps: str | None = None
+    ss_resolution: str | None = None
+    ss_seed: str | None = None
+    ss_v_parameterization: str | None = None
+    modelspec_sai_model_spec: str | None = None
+    modelspec_architecture: str | None = None
+    modelspec_implementation: str | None = None
+    modelspec_title: str | None = None
+    modelspec_resolution: str | None = None
+    modelspec_date: str | None = None
+    modelspec_prediction_type: str | None = None
+    difftrain_trained_lora_alpha: str | None = None
+    """The lora_alpha the run trained with, before the diffusers writer folded it into lora_B."""
+
+    def metadata(self) -> dict[str, str]:
+        """The header as safetensors stores it: key → string, unset fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def read_lora_header(path: Path) -> LoraHeader:
+    """The header of the LoRA safetensors file at `path` (the tensors are not read).
+
+    Raises:
+        ValueError: naming the file when it is missing or not a safetensors file.
+    """
+    return _read(Path(path), tensors=False)[1]
+
+
+def _read(path: Path, *, tensors: bool) -> tuple[dict[str, torch.Tensor], LoraHeader]:
+    if not path.is_file():
+        raise ValueError(f"LoRA file {str(path)!r}: no such file")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = LoraHeader.model_validate(handle.metadata() or {})
+            weights = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
+    except (OSError, safetensors.SafetensorError) as error:
+        raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from None
+    return weights, header
 
 
 def save_lora_file(
@@ -79,30 +148,28 @@ def save_lora_file(
         raise ValueError(f"fmt: unknown LoRA file format {fmt!r}; known: {list(FORMATS)}")
     _check_state_dict(state_dict, lora_configs)
     header = _check_metadata(metadata)
-    for component, config in lora_configs.items():
-        for key in ("r", "lora_alpha"):
-            if key not in config:
-                raise ValueError(f"lora_configs[{component!r}]: missing {key!r}")
-    first = next(iter(lora_configs.values()))
     state_dict = canonical_text_encoder_keys(state_dict)
     if fmt == "diffusers":
-        tensors, folded = _fold_lora_scale(state_dict, lora_configs)
-        packed = {
-            f"{component}.{key}": value
-            for component, config in folded.items()
-            for key, value in config.items()
-        }
-        header[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
-        header["difftrain.trained_lora_alpha"] = header.get("ss_network_alpha", str(float(first["lora_alpha"])))
-        header["ss_network_alpha"] = str(float(folded[next(iter(folded))]["lora_alpha"]))
+        tensors, header = _diffusers_layout(state_dict, lora_configs, header)
     else:
         tensors = _to_kohya(state_dict, lora_configs=lora_configs, kohya_prefixes=kohya_prefixes or {})
-        header.setdefault("ss_network_dim", str(first["r"]))
-        header.setdefault("ss_network_alpha", str(float(first["lora_alpha"])))
-        header.setdefault("ss_network_module", "networks.lora")
-    header["format"] = "pt"
+        first = next(iter(lora_configs.values()))
+        header = {"ss_network_dim": str(first["r"]), "ss_network_alpha": str(float(first["lora_alpha"])),
+                  "ss_network_module": "networks.lora", **header}
     tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
-    return _atomic_save(Path(path), tensors, header)
+    return _atomic_save(Path(path), tensors, LoraHeader.model_validate({**header, "format": "pt"}))
+
+
+def _diffusers_layout(
+    state_dict: Mapping[str, torch.Tensor], lora_configs: Mapping[str, Mapping[str, Any]], header: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors with the LoRA scale folded into lora_B, and the header saying so (see `save_lora_file`)."""
+    tensors, folded = _fold_lora_scale(state_dict, lora_configs)
+    packed = {f"{component}.{key}": value for component, config in folded.items() for key, value in config.items()}
+    trained_alpha = header.get("ss_network_alpha", str(float(next(iter(lora_configs.values()))["lora_alpha"])))
+    return tensors, {**header, LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
+                     "difftrain.trained_lora_alpha": trained_alpha,
+                     "ss_network_alpha": str(float(folded[next(iter(folded))]["lora_alpha"]))}
 
 
 def canonical_text_encoder_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,6 +195,10 @@ def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[s
 
 
 def _check_state_dict(state_dict: Mapping[str, torch.Tensor], lora_configs: Mapping[str, Any]) -> None:
+    for component, config in lora_configs.items():
+        for key in ("r", "lora_alpha"):
+            if key not in config:
+                raise ValueError(f"lora_configs[{component!r}]: missing {key!r}")
     if not state_dict:
         raise ValueError("state_dict: no LoRA tensors to write")
     for key in state_dict:
@@ -212,11 +283,11 @@ def _to_kohya(
     return tensors
 
 
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
+def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], header: LoraHeader) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+        safetensors.torch.save_file(tensors, str(tmp), metadata=header.metadata())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -233,30 +304,18 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """Read a LoRA safetensors file: `(tensors on CPU, header metadata)`.
 
     The metadata dict is the file's `__metadata__` in full (including "format" and, for
-    diffusers files, the `lora_adapter_metadata` JSON string). Raises ValueError naming the
-    file when it is missing or not a safetensors file.
+    diffusers files, the `lora_adapter_metadata` JSON string; see `LoraHeader`). Raises
+    ValueError naming the file when it is missing or not a safetensors file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"LoRA file {str(path)!r}: no such file")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except safetensors.SafetensorError as error:
-        raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from error
-    return tensors, header
+    tensors, header = _read(Path(path), tensors=True)
+    return tensors, header.metadata()
 
 
 def check_lora_fits(path: Path, arch: str) -> None:
     """Raise ValueError when the LoRA file's `modelspec.architecture` header names another
     architecture than `arch` (files without the header are not judged)."""
     family = get_family(arch).modelspec_architecture.removesuffix("-dev")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-            declared = (handle.metadata() or {}).get("modelspec.architecture")
-    except (OSError, safetensors.SafetensorError) as error:
-        raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from None
+    declared = read_lora_header(path).modelspec_architecture
     if declared and not declared.startswith(family):
         raise ValueError(f"LoRA file {str(path)!r} was trained for {declared.removesuffix('/lora')}, "
                          f"not for this {arch} model")
@@ -294,35 +353,29 @@ def training_metadata(
     if width <= 0 or height <= 0:
         raise ValueError(f"resolution: expected positive pixels, got {resolution!r}")
     when = date or datetime.datetime.now(datetime.timezone.utc)
-    result = {
-        "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": str(float(alpha)),
-        "ss_base_model_version": family.kohya_base_version,
-        "ss_sd_model_name": base_model,
-        "ss_steps": str(int(steps)),
-        "ss_resolution": f"({width}, {height})",
-        "ss_seed": str(int(seed)),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": title or f"{Path(str(base_model)).name} LoRA",
-        "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": when.isoformat(),
-    }
-    if prediction_type is not None:
-        result["modelspec.prediction_type"] = prediction_type
-        result["ss_v_parameterization"] = str(prediction_type == "v")  # kohya's name for the same
-    return result
+    return LoraHeader(
+        ss_network_dim=str(int(rank)),
+        ss_network_alpha=str(float(alpha)),
+        ss_base_model_version=family.kohya_base_version,
+        ss_sd_model_name=base_model,
+        ss_steps=str(int(steps)),
+        ss_resolution=f"({width}, {height})",
+        ss_seed=str(int(seed)),
+        modelspec_sai_model_spec="1.0.0",
+        modelspec_architecture=f"{family.modelspec_architecture}/lora",
+        modelspec_implementation="diffusers",
+        modelspec_title=title or f"{Path(str(base_model)).name} LoRA",
+        modelspec_resolution=f"{width}x{height}",
+        modelspec_date=when.isoformat(),
+        modelspec_prediction_type=prediction_type,
+        ss_v_parameterization=None if prediction_type is None else str(prediction_type == "v"),  # kohya's name
+    ).metadata()
 
 
 def lora_prediction_type(path: Path) -> str | None:
     """The diffusers prediction_type ("epsilon", "v_prediction") a LoRA file's header records
     (`modelspec.prediction_type`), None when it records none. Raises ValueError for a file that
     is not safetensors."""
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-            declared = (handle.metadata() or {}).get("modelspec.prediction_type")
-    except (OSError, safetensors.SafetensorError) as error:
-        raise ValueError(f"LoRA file {str(path)!r}: not a safetensors file ({error})") from None
+    declared = read_lora_header(path).modelspec_prediction_type
     by_modelspec = {value: key for key, value in MODELSPEC_PREDICTION_TYPES.items()}
     return by_modelspec.get(declared)

@@ -10,7 +10,6 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from difftrain_dist.models.base import DiffusionAdapter
-from difftrain_dist.models.families import FAMILIES
 
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """Attention projections of diffusers' UNet2DConditionModel (self- and cross-attention)."""
@@ -22,7 +21,6 @@ class SD15Adapter(DiffusionAdapter):
     Epsilon or v-prediction (the scheduler's, or the recipe's `model.prediction_type`).
     """
 
-    family = FAMILIES["sd15"]
     lora_prefix = "unet"
     default_lora_targets = UNET_ATTENTION_TARGETS
     text_encoder_names = ("text_encoder",)
@@ -67,9 +65,6 @@ class SD15Adapter(DiffusionAdapter):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
-        *,
-        original_sizes: torch.Tensor | None = None,
-        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`denoiser(noisy_latents, timesteps, encoder_hidden_states=…).sample`: [B, 4, h, w]."""
         return denoiser(noisy_latents, timesteps, **conditioning).sample

@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from difftrain_dist.models.base import DiffusionAdapter, load_flow_objective
-from difftrain_dist.models.families import FAMILIES
+from difftrain_dist.models.base import DiffusionAdapter
+from difftrain_dist.models.loading import load_flow_objective
 from difftrain_dist.models.objectives import FlowMatchingObjective, TimestepOptions
 
 MMDIT_ATTENTION_TARGETS = (
@@ -27,7 +27,6 @@ class SD3Adapter(DiffusionAdapter):
     zeros, as SD3 was trained to accept (Esser et al. 2024, §5.3.3).
     """
 
-    family = FAMILIES["sd3"]
     lora_prefix = "transformer"
     default_lora_targets = MMDIT_ATTENTION_TARGETS
     # No kohya layout: diffusers has no converter for kohya-style SD3 files, so none is written.
@@ -79,9 +78,6 @@ class SD3Adapter(DiffusionAdapter):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
-        *,
-        original_sizes: torch.Tensor | None = None,
-        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Transformer velocity at σ = `timesteps` ([B] in [0, 1]; the model takes σ × 1000,
         as the pipeline's FlowMatchEulerDiscreteScheduler timesteps): [B, 16, h, w]."""

@@ -10,7 +10,6 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from difftrain_dist.models.base import DiffusionAdapter
-from difftrain_dist.models.families import FAMILIES
 from difftrain_dist.models.sd15 import UNET_ATTENTION_TARGETS
 
 
@@ -22,7 +21,6 @@ class SDXLAdapter(DiffusionAdapter):
     crop top, left, target height, width) in px (Podell et al. 2023, §2.2 "micro-conditioning").
     """
 
-    family = FAMILIES["sdxl"]
     lora_prefix = "unet"
     default_lora_targets = UNET_ATTENTION_TARGETS
     text_encoder_names = ("text_encoder", "text_encoder_2")
@@ -53,28 +51,33 @@ class SDXLAdapter(DiffusionAdapter):
         )
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
+    def image_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """SDXL's micro-conditioning from the batch: "original_sizes" ([B, 2] int64, (height,
+        width) of each source image in px) and "crops_top_left" ([B, 2] int64, (top, left) of its
+        crop), where the reader provides them."""
+        return {name: batch[name] for name in ("original_sizes", "crops_top_left") if name in batch}
+
     def predict(
         self,
         denoiser: Callable[..., Any],
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: dict[str, torch.Tensor],
-        *,
-        original_sizes: torch.Tensor | None = None,
-        crops_top_left: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """UNet call with `added_cond_kwargs={"text_embeds", "time_ids"}`: [B, 4, h, w].
 
         time_ids ([B, 6], the pooled embeddings' dtype) are built as in diffusers'
         train_text_to_image_sdxl.py: original size + crop top-left + target size, where the
-        target is the latents' size × 8 px; without sizes, original = target and crop = (0, 0).
+        target is the latents' size × 8 px. The sizes come from `conditioning`'s
+        "original_sizes" and "crops_top_left" (see `image_conditioning`); without them,
+        original = target and crop = (0, 0).
         """
         batch = noisy_latents.shape[0]
         target = torch.tensor(
             [noisy_latents.shape[-2] * self.vae_scale_factor, noisy_latents.shape[-1] * self.vae_scale_factor]
         ).expand(batch, 2)
-        original = target if original_sizes is None else original_sizes.reshape(batch, 2)
-        crops = torch.zeros(batch, 2, dtype=torch.long) if crops_top_left is None else crops_top_left.reshape(batch, 2)
+        original = conditioning.get("original_sizes", target).reshape(batch, 2)
+        crops = conditioning.get("crops_top_left", torch.zeros(batch, 2, dtype=torch.long)).reshape(batch, 2)
         pooled = conditioning["text_embeds"]
         time_ids = torch.cat([original.cpu(), crops.cpu(), target], dim=1).to(pooled.device, pooled.dtype)
         return denoiser(
