@@ -23,6 +23,13 @@ from pydantic import (
     model_validator,
 )
 
+from difftrain_dist.distrib.optimizers import (
+    LR_SCHEDULERS,
+    OPTIMIZER_NAMES,
+    optimizer_kwargs,
+    stages_for,
+    why_not_stage,
+)
 from difftrain_dist.models.families import FAMILY_NAMES, names_where
 
 if TYPE_CHECKING:
@@ -190,21 +197,33 @@ class TrainSection(_Section):
     """Optimizer steps to train for."""
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate."""
-    optimizer: Literal["adamw"] = "adamw"
-    """Optimizer for the LoRA parameters."""
+    optimizer: Literal[OPTIMIZER_NAMES] = "adamw"
+    """Optimizer for the LoRA parameters: adamw (torch), adamw8bit (bitsandbytes), lion
+    (lion-pytorch), prodigy (prodigyopt), adafactor (transformers), came (came-pytorch); which
+    ZeRO stages each runs under: distrib/optimizers.py and the README."""
+    optimizer_args: dict[str, Any] = {}
+    """More keyword arguments of the optimizer's constructor (e.g. prodigy's `d_coef`), checked
+    against its signature when the recipe loads."""
     weight_decay: float = Field(0.0, ge=0)
-    """AdamW decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas, each in [0, 1)."""
+    """Weight decay (decoupled in AdamW, Lion and Prodigy)."""
+    betas: tuple[float, float] | None = None
+    """The optimizer's pair of betas, each in [0, 1); None keeps its own (AdamW 0.9, 0.999)."""
 
     @field_validator("betas")
     @classmethod
-    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in value):
+    def _betas_in_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
         return value
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant_with_warmup"
+    """Learning-rate schedule (diffusers' `get_scheduler`): constant, constant_with_warmup,
+    linear, cosine, cosine_with_restarts or polynomial, each after `lr_warmup_steps`."""
     lr_warmup_steps: int = Field(0, ge=0)
-    """Linear warm-up steps before the constant learning rate."""
+    """Optimizer steps over which the lr rises linearly from 0 to `lr`."""
+    lr_num_cycles: int = Field(1, ge=1)
+    """cosine_with_restarts: the number of hard restarts."""
+    lr_power: float = Field(1.0, gt=0)
+    """polynomial: the decay's exponent (1: linear)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -233,10 +252,12 @@ class DistributedSection(_Section):
     """Training processes (one per GPU when use_gpu)."""
     use_gpu: bool = False
     """Train on CUDA GPUs (NCCL) instead of CPUs (gloo)."""
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    """DeepSpeed ZeRO stage. 1 (optimizer state partitioned, gradients reduced once per step) is
-    the fastest for LoRA; 2 adds per-parameter gradient hooks that cost more than LoRA's few MB of
-    gradients save; 3 also partitions the frozen base weights (models too big for one GPU)."""
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    """DeepSpeed ZeRO stage; None: 1, or 0 for optimizers whose statistics span tensors (prodigy,
+    adafactor, came: see distrib/optimizers.py). 1 (optimizer state partitioned, gradients reduced
+    once per step) is the fastest for LoRA; 2 adds per-parameter gradient hooks that cost more than
+    LoRA's few MB of gradients save; 3 also partitions the frozen base weights (models too big for
+    one GPU)."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves for each training worker."""
     max_failures: int = Field(0, ge=-1)
@@ -281,11 +302,23 @@ class Recipe(_Section):
     lora: LoraSection = LoraSection()
     data: DataSection
     train: TrainSection
-    distributed: DistributedSection = DistributedSection()
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = CheckpointSection()
     sample: SampleSection = SampleSection()
     _identity: dict[str, Any] | None = PrivateAttr(None)
     """`resume_identity`, read on first use (fields are final once `recipe_from_dict` returns)."""
+
+    @model_validator(mode="after")
+    def _optimizer_fits_stage(self, info: ValidationInfo) -> Recipe:
+        train, distributed = self.train, self.distributed
+        if distributed.zero_stage is None:
+            distributed.__dict__["zero_stage"] = 1 if 1 in stages_for(train.optimizer) else 0
+        reason = why_not_stage(train.optimizer, distributed.zero_stage)
+        if reason:
+            raise ValueError(f"train.optimizer: {reason}")
+        if _checks_paths(info):  # the optimizer's package is where the run starts, not on a submit host
+            optimizer_kwargs(train.optimizer, train.lr, train.weight_decay, train.betas, train.optimizer_args)
+        return self
 
     @model_validator(mode="after")
     def _cpu_runs_in_fp32(self) -> Recipe:

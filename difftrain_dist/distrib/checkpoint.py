@@ -254,3 +254,9 @@ def check_compatible(info: CheckpointInfo, recipe: Recipe) -> None:
             f"ZeRO-{recipe.distributed.zero_stage}; changing the ZeRO stage on resume is not supported "
             f"(set distributed.zero_stage={stage})"
         )
+    optimizer = info.manifests[0].recipe.get("train", {}).get("optimizer", "adamw")
+    if optimizer != recipe.train.optimizer:
+        raise ValueError(
+            f"train.optimizer: {info.path.name} holds the state of {optimizer}, this run asks for "
+            f"{recipe.train.optimizer}; set train.optimizer={optimizer} to continue it, or choose another run.name"
+        )

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from difftrain_dist.config import Recipe
@@ -144,6 +145,7 @@ class Checkpointer:
         folder, handed to the session, which persists it as `run_dir/checkpoint_<step>`; then
         rank 0 applies `checkpoint.keep_last`. Returns the checkpoint folder."""
         recipe, global_rank = self.recipe, dist.get_rank()
+        check_ranks_agree(trainee, state.step, recipe)
         local_dir = Path(tempfile.mkdtemp(prefix=f"ckpt-r{global_rank}-"))
         trainee.engine.save_checkpoint(str(local_dir), tag=deepspeed_tag(state.step),
                                        client_state={"step": state.step}, exclude_frozen_parameters=True)
@@ -177,3 +179,29 @@ class Checkpointer:
             "saved_at": time.time(),
             "peak_rss_mib": peak_rss_mib(),
         }
+
+
+class RanksDisagreeError(RuntimeError):
+    """Ranks hold different LoRA weights: what one rank would save is not what the others train."""
+
+
+def check_ranks_agree(trainee: Trainee, step: int, recipe: Recipe) -> None:
+    """Raise RanksDisagreeError when this rank's trained weights differ from rank 0's.
+
+    Compares a fingerprint of every trainable tensor (float64 sum and sum of squares, in
+    parameter order), all-gathered: one collective of 16 bytes per tensor and rank. Under ZeRO-3
+    each rank holds a slice of the weights, which is not compared. Called before each save, so a
+    checkpoint is never written from ranks that drifted apart.
+    """
+    world_size = dist.get_world_size()
+    if world_size == 1 or recipe.distributed.zero_stage == 3:
+        return
+    params = [p.detach().double() for p in trainee.engine.module.parameters() if p.requires_grad]
+    mine = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).to(trainee.device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)
+    differ = [rank for rank, theirs in enumerate(gathered) if not torch.equal(theirs, gathered[0])]
+    if differ:
+        raise RanksDisagreeError(
+            f"step {step}: ranks {differ} hold other LoRA weights than rank 0 (optimizer "
+            f"{recipe.train.optimizer}, ZeRO-{recipe.distributed.zero_stage}); nothing of this step is saved")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from difftrain_dist.config import Recipe
+from difftrain_dist.distrib.optimizers import build_lr_scheduler, build_optimizer, optimizer_kwargs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,17 +38,9 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     return config
 
 
-def lr_lambda(warmup_steps: int):
-    """Linear warm-up from 1/warmup to 1 over `warmup_steps` optimizer steps, then constant."""
-
-    def factor(step: int) -> float:
-        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
-
-    return factor
-
-
 def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
-    """Wrap the LoRA-injected denoiser in a DeepSpeed engine with AdamW on its trainable parameters.
+    """Wrap the LoRA-injected denoiser in a DeepSpeed engine with the recipe's optimizer and lr
+    schedule (optimizers.py) on its trainable parameters.
 
     The torch process group must already exist (Ray Train or torchrun/srun set it up).
 
@@ -57,11 +50,12 @@ def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if recipe.distributed.use_gpu else "gloo")
+    train = recipe.train
     params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=recipe.train.lr, betas=recipe.train.betas, weight_decay=recipe.train.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train.lr_warmup_steps))
+    kwargs = optimizer_kwargs(train.optimizer, train.lr, train.weight_decay, train.betas, train.optimizer_args)
+    optimizer = build_optimizer(params, train.optimizer, kwargs)
+    scheduler = build_lr_scheduler(optimizer, train.lr_scheduler, warmup_steps=train.lr_warmup_steps,
+                                   max_steps=train.max_steps, num_cycles=train.lr_num_cycles, power=train.lr_power)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=denoiser,
         optimizer=optimizer,

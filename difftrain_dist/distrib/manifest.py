@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST_VERSION = 1
 
@@ -61,8 +61,15 @@ class RankManifest(BaseModel):
     saved_at: float
     """Unix time of the save, s."""
     peak_rss_mib: float
-    files: dict[str, str] = Field(min_length=1)
-    """Every other file this rank wrote, relative to the checkpoint folder → its sha256 (hex)."""
+    files: dict[str, str]
+    """Every other file this rank wrote, relative to the checkpoint folder → its sha256 (hex).
+    Under ZeRO-0 only rank 0 writes files (the whole state); every other rank writes some."""
+
+    @model_validator(mode="after")
+    def _files_where_due(self) -> RankManifest:
+        if not self.files and (self.global_rank == 0 or self.zero_stage > 0):
+            raise ValueError(f"files: rank {self.global_rank} of a ZeRO-{self.zero_stage} checkpoint lists none")
+        return self
 
 
 def write_manifest(path: Path, manifest: RankManifest) -> None:

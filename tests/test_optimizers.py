@@ -1,0 +1,185 @@
+"""Optimizers and learning-rate schedules: chosen by name from maintained packages, each with
+the ZeRO stages its statistics allow; on two gloo ranks every optimizer keeps the ranks equal
+and resumes exactly, and Prodigy at its default stage matches one process on the same batch."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from difftrain_dist.config import Recipe, RecipeError, recipe_from_dict
+from difftrain_dist.distrib.checkpoint import checkpoint_name
+from difftrain_dist.distrib.checkpointer import RanksDisagreeError, check_ranks_agree
+from difftrain_dist.distrib.engine import build_engine
+from difftrain_dist.distrib.loop import train_worker
+from difftrain_dist.distrib.optimizers import OPTIMIZER_NAMES, OPTIMIZERS, build_lr_scheduler
+from difftrain_dist.distrib.session import LocalSession
+from difftrain_dist.models import read_lora_file
+
+from .gloo import run_ranks
+
+LR = {"adamw": 1e-2, "adamw8bit": 1e-2, "lion": 1e-3, "prodigy": 1.0, "adafactor": 1e-2, "came": 1e-2}
+"""A learning rate that moves the weights in 2 steps (Prodigy's is a factor of its own estimate)."""
+
+
+def raw_recipe(model: Path, shards: Path, storage: Path, **sections) -> dict:
+    raw = {
+        "run": {"name": "o", "seed": 5, "output_dir": str(storage / "out"), "storage_path": str(storage)},
+        "model": {"arch": "sd15", "path": str(model)},
+        "lora": {"rank": 4, "alpha": 4},
+        "data": {"shards": str(shards), "resolution": 64, "micro_batch_size": 1},
+        "train": {"max_steps": 4},
+        "distributed": {"num_workers": 1},
+        "checkpoint": {"every_n_steps": 2, "keep_last": None},
+    }
+    for section, fields in sections.items():
+        raw[section] = {**raw[section], **fields}
+    return raw
+
+
+def recipe(model: Path, shards: Path, storage: Path, **sections) -> Recipe:
+    return recipe_from_dict(raw_recipe(model, shards, storage, **sections))
+
+
+def test_each_optimizer_gets_the_stage_its_statistics_allow(tmp_path, tiny_sd15_model, photo_shards):
+    stages = {name: recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": name}).distributed.zero_stage
+              for name in OPTIMIZER_NAMES}
+    assert stages == {"adamw": 1, "adamw8bit": 1, "lion": 1, "prodigy": 0, "adafactor": 0, "came": 0}
+    assert {name: spec.statistics for name, spec in OPTIMIZERS.items()} == {
+        "adamw": "element", "adamw8bit": "element", "lion": "element", "prodigy": "global",
+        "adafactor": "tensor", "came": "tensor"}
+    with pytest.raises(RecipeError, match=r"train.optimizer: prodigy's statistics sums over all parameters .*"
+                                          r"ZeRO-1 gives each rank a flat slice.*distributed.zero_stage: 0"):
+        recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": "prodigy"},
+               distributed={"zero_stage": 1})
+    with pytest.raises(RecipeError, match=r"adafactor's statistics are per tensor .*ZeRO-2"):
+        recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": "adafactor"},
+               distributed={"zero_stage": 2})
+
+
+def test_optimizer_args_are_checked_against_the_constructor(tmp_path, tiny_sd15_model, photo_shards):
+    def load(**train):
+        return recipe(tiny_sd15_model, photo_shards, tmp_path, train=train)
+
+    assert load(optimizer="prodigy", optimizer_args={"d_coef": 2.0}).train.optimizer_args == {"d_coef": 2.0}
+    with pytest.raises(RecipeError, match=r"train.optimizer_args.d_cef: prodigy takes no such argument; "
+                                          r"it takes \[.*'d_coef'.*\]"):
+        load(optimizer="prodigy", optimizer_args={"d_cef": 2.0})
+    with pytest.raises(RecipeError, match=r"train.optimizer_args.lr: set train.lr instead"):
+        load(optimizer_args={"lr": 1.0})
+    with pytest.raises(RecipeError, match=r"train.betas: came takes no pair of betas"):
+        load(optimizer="came", betas=[0.9, 0.99])
+    with pytest.raises(RecipeError, match=r"optimizer_args.relative_step: Adafactor would then choose its own lr"):
+        load(optimizer="adafactor", optimizer_args={"relative_step": True})
+    with pytest.raises(RecipeError, match=r"train.optimizer: .*'sgd'"):
+        load(optimizer="sgd")
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_learning_rate_schedules_follow_diffusers(name):
+    warmup, steps = 4, 24
+    factors = {
+        "constant": lambda s: 1.0,
+        "constant_with_warmup": lambda s: min(1.0, s / warmup),
+        "linear": lambda s: s / warmup if s < warmup else (steps - s) / (steps - warmup),
+        "cosine": lambda s: s / warmup if s < warmup else 0.5 * (
+            1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
+        # 2 hard restarts: the cosine falls to 0 twice, starting over halfway
+        "cosine_with_restarts": lambda s: s / warmup if s < warmup else 0.5 * (
+            1 + math.cos(math.pi * ((2 * (s - warmup) / (steps - warmup)) % 1.0))),
+        "polynomial": lambda s: s / warmup if s < warmup else ((steps - s) / (steps - warmup)) ** 2 * (1 - 1e-7) + 1e-7,
+    }
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_lr_scheduler(optimizer, name, warmup_steps=warmup, max_steps=steps, num_cycles=2, power=2.0)
+    got = []
+    for _ in range(steps):
+        got.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    want = [factors[name](s) for s in range(steps)]
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def _perturbed_rank_is_caught() -> None:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    trainee = SimpleNamespace(engine=SimpleNamespace(module=module), device=torch.device("cpu"))
+    settings = SimpleNamespace(train=SimpleNamespace(optimizer="adamw"), distributed=SimpleNamespace(zero_stage=1))
+    check_ranks_agree(trainee, 1, settings)  # equal: passes
+    if rank == 1:
+        with torch.no_grad():
+            module.weight[0, 0] += 1e-6
+    with pytest.raises(RanksDisagreeError, match=r"step 2: ranks \[1\] hold other LoRA weights than rank 0 "
+                                                 r"\(optimizer adamw, ZeRO-1\)"):
+        check_ranks_agree(trainee, 2, settings)
+
+
+def test_a_rank_that_drifted_stops_the_save():
+    run_ranks(_perturbed_rank_is_caught, 2)
+
+
+def _straight_and_split(raw: dict, storage: Path) -> None:
+    """At world size 2: "straight" trains 4 steps, "split" 2 and then on to 4 (a stop and a resume).
+    Every save compares the ranks' weights (`check_ranks_agree`), so equal ranks are checked too."""
+    for name, steps in (("straight", (4,)), ("split", (2, 4))):
+        for max_steps in steps:
+            run = copy.deepcopy(raw)
+            run["run"].update(storage_path=str(storage / name), output_dir=str(storage / name / "out"))
+            run["train"]["max_steps"] = max_steps
+            assert train_worker(recipe_from_dict(run), LocalSession()).state.step == max_steps
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_every_optimizer_keeps_two_ranks_equal_and_resumes_exactly(name, tmp_path, tiny_sd15_model, photo_shards):
+    raw = raw_recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": name, "lr": LR[name]},
+                     distributed={"num_workers": 2})
+    run_ranks(_straight_and_split, 2, raw, tmp_path)
+    want, got, start = (read_lora_file(tmp_path / run / "o" / checkpoint_name(step) / "lora.safetensors")[0]
+                        for run, step in (("straight", 4), ("split", 4), ("straight", 2)))
+    assert want.keys() == got.keys() and want
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-6
+    assert max(float((want[k] - start[k]).abs().max()) for k in want) > 1e-6, "the optimizer did not train"
+
+
+def _prodigy_steps(raw: dict, out: Path, steps: int) -> None:
+    """Prodigy on a linear model through the worker's engine: each rank takes its share of the
+    same 4 samples, so every world size sees the same global batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    engine, _, _ = build_engine(model, recipe_from_dict(raw))
+    inputs = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    targets = torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    for _ in range(steps):
+        mine = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+        loss = torch.nn.functional.mse_loss(engine(inputs[mine]), targets[mine])
+        engine.backward(loss)
+        engine.step()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(weights) for _ in range(world_size)]
+    dist.all_gather(gathered, weights)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+    if rank == 0:
+        torch.save({"weights": weights, "d": engine.optimizer.param_groups[0]["d"]}, out)
+
+
+def test_prodigy_at_its_default_stage_matches_one_process_on_the_same_batch(tmp_path, tiny_sd15_model, photo_shards):
+    results = {}
+    for world_size in (1, 2):
+        raw = raw_recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": "prodigy", "lr": 1.0},
+                         data={"micro_batch_size": 4 // world_size}, distributed={"num_workers": world_size})
+        run_ranks(_prodigy_steps, world_size, raw, tmp_path / f"w{world_size}.pt", 5)
+        results[world_size] = torch.load(tmp_path / f"w{world_size}.pt")
+    one, two = results[1], results[2]
+    assert one["d"] > 1e-6, "Prodigy's step-size estimate never left d0"
+    # The same sums in another order (an all-reduce of two halves): float32 rounding only.
+    assert two["d"] == pytest.approx(one["d"], rel=1e-5)
+    torch.testing.assert_close(two["weights"], one["weights"], rtol=0, atol=1e-6)
