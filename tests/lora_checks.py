@@ -94,5 +94,5 @@ def hand_merged_unet(model: Path, lora_file: Path) -> tuple[UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     pairs = lora_pairs(lora_file, unet)
     for path, (scale, up, down) in pairs.items():
-        unet.get_submodule(path).weight += scale * (up @ down)
+        unet.get_submodule(path).weight += scale * (up.float() @ down.float())  # a half file merges in float32
     return unet, len(pairs)

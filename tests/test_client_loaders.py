@@ -252,3 +252,21 @@ def test_a1111_maps_every_text_encoder_key(tiny_model, tmp_path, arch) -> None:
         for n in layers:
             for which in ("q", "k", "v", "out"):
                 assert f"lora_te2_text_model_encoder_layers_{n}_self_attn_{which}_proj" in te_stems
+
+
+@pytest.mark.parametrize("arch, dtype", [("sd15", torch.float16), ("sdxl", torch.bfloat16), ("flux", torch.float16)])
+def test_half_precision_files_keep_every_key_and_say_their_dtype(tiny_model, tmp_path, arch, dtype) -> None:
+    """`checkpoint.lora_dtype` (ai-toolkit's `save.dtype`): the same keys and strength at half precision."""
+    adapter, state, configs = _trained_lora(tiny_model, arch)
+    path = save_lora_file(tmp_path / "half.safetensors", state, lora_configs=configs, fmt=adapter.lora_file_format,
+                          kohya_prefixes=adapter.kohya_prefixes, dtype=dtype)
+    tensors, header = read_lora_file(path)
+    assert header["difftrain.lora_dtype"] == str(dtype).removeprefix("torch.")
+    assert {t.dtype for key, t in tensors.items() if not key.endswith(".alpha")} == {dtype}
+    deltas, unloaded = loader_deltas(tensors, comfyui_key_map(arch, adapter))
+    assert unloaded == []
+    expected = trained_deltas(state)
+    assert set(deltas) == set(expected)
+    resolution = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # the dtype's relative rounding step
+    for target, delta in expected.items():
+        torch.testing.assert_close(deltas[target], delta, atol=4 * resolution * float(delta.abs().max()), rtol=0)

@@ -266,7 +266,7 @@ def lora_files(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
             out / f"{fmt}.safetensors", state, lora_configs={"unet": lora_config_dict(config)},
             fmt=fmt, kohya_prefixes={"unet": "lora_unet"}, metadata=metadata,
         )
-    return {"state": state, **files}
+    return {"state": state, "configs": {"unet": lora_config_dict(config)}, **files}
 
 
 def _pipeline_with_lora(model: Path, lora_file: Path) -> StableDiffusionPipeline:
@@ -347,3 +347,14 @@ def test_lora_file_mode_follows_the_umask(tmp_path: Path, lora_files: dict) -> N
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_float16_file_loads_in_diffusers_like_its_hand_merge(tiny_sd15: Path, lora_files: dict, tmp_path) -> None:
+    path = save_lora_file(tmp_path / "half.safetensors", lora_files["state"], lora_configs=lora_files["configs"],
+                          fmt="kohya",
+                          kohya_prefixes={"unet": "lora_unet"}, dtype=torch.float16)
+    base_out, lora_out = outputs_without_and_with_lora(tiny_sd15, path)
+    assert (lora_out - base_out).abs().max() > 1e-3
+    merged, n_merged = hand_merged_unet(tiny_sd15, path)
+    assert n_merged > 0
+    torch.testing.assert_close(lora_out, unet_output(merged), atol=ATOL, rtol=0)

@@ -4,7 +4,6 @@ and resumes exactly, and Prodigy at its default stage matches one process on the
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,30 +16,13 @@ from difftrain_dist.config import Recipe, RecipeError, recipe_from_dict
 from difftrain_dist.distrib.checkpoint import checkpoint_name
 from difftrain_dist.distrib.checkpointer import RanksDisagreeError, check_ranks_agree
 from difftrain_dist.distrib.engine import build_engine
-from difftrain_dist.distrib.loop import train_worker
 from difftrain_dist.distrib.optimizers import OPTIMIZER_NAMES, OPTIMIZERS, build_lr_scheduler
-from difftrain_dist.distrib.session import LocalSession
 from difftrain_dist.models import read_lora_file
 
-from .gloo import run_ranks
+from .gloo import raw_recipe, run_ranks, straight_and_split
 
 LR = {"adamw": 1e-2, "adamw8bit": 1e-2, "lion": 1e-3, "prodigy": 1.0, "adafactor": 1e-2, "came": 1e-2}
 """A learning rate that moves the weights in 2 steps (Prodigy's is a factor of its own estimate)."""
-
-
-def raw_recipe(model: Path, shards: Path, storage: Path, **sections) -> dict:
-    raw = {
-        "run": {"name": "o", "seed": 5, "output_dir": str(storage / "out"), "storage_path": str(storage)},
-        "model": {"arch": "sd15", "path": str(model)},
-        "lora": {"rank": 4, "alpha": 4},
-        "data": {"shards": str(shards), "resolution": 64, "micro_batch_size": 1},
-        "train": {"max_steps": 4},
-        "distributed": {"num_workers": 1},
-        "checkpoint": {"every_n_steps": 2, "keep_last": None},
-    }
-    for section, fields in sections.items():
-        raw[section] = {**raw[section], **fields}
-    return raw
 
 
 def recipe(model: Path, shards: Path, storage: Path, **sections) -> Recipe:
@@ -126,22 +108,11 @@ def test_a_rank_that_drifted_stops_the_save():
     run_ranks(_perturbed_rank_is_caught, 2)
 
 
-def _straight_and_split(raw: dict, storage: Path) -> None:
-    """At world size 2: "straight" trains 4 steps, "split" 2 and then on to 4 (a stop and a resume).
-    Every save compares the ranks' weights (`check_ranks_agree`), so equal ranks are checked too."""
-    for name, steps in (("straight", (4,)), ("split", (2, 4))):
-        for max_steps in steps:
-            run = copy.deepcopy(raw)
-            run["run"].update(storage_path=str(storage / name), output_dir=str(storage / name / "out"))
-            run["train"]["max_steps"] = max_steps
-            assert train_worker(recipe_from_dict(run), LocalSession()).state.step == max_steps
-
-
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_every_optimizer_keeps_two_ranks_equal_and_resumes_exactly(name, tmp_path, tiny_sd15_model, photo_shards):
     raw = raw_recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": name, "lr": LR[name]},
                      distributed={"num_workers": 2})
-    run_ranks(_straight_and_split, 2, raw, tmp_path)
+    run_ranks(straight_and_split, 2, raw, tmp_path)
     want, got, start = (read_lora_file(tmp_path / run / "o" / checkpoint_name(step) / "lora.safetensors")[0]
                         for run, step in (("straight", 4), ("split", 4), ("straight", 2)))
     assert want.keys() == got.keys() and want

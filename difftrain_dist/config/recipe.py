@@ -224,6 +224,9 @@ class TrainSection(_Section):
     """cosine_with_restarts: the number of hard restarts."""
     lr_power: float = Field(1.0, gt=0)
     """polynomial: the decay's exponent (1: linear)."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the LoRA weights with this decay (ai-toolkit's
+    `ema_config.ema_decay`, e.g. 0.99); LoRA files and samples then hold the average. None: no EMA."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -271,6 +274,9 @@ class CheckpointSection(_Section):
     """Save a checkpoint every this many optimizer steps (and always at the last step)."""
     keep_last: int | None = Field(3, ge=1)
     """Checkpoints kept; None keeps all. The newest valid one is never removed."""
+    lora_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of the tensors in the LoRA files (ai-toolkit's `save.dtype`); training and the
+    checkpoints' optimizer state stay float32."""
 
 
 class SampleSection(_Section):
@@ -336,6 +342,9 @@ class Recipe(_Section):
                              "table's shape outside the forward hooks that ZeRO-3 gathers weights in")
         if self.lora.text_encoder_target_modules and not self.lora.train_text_encoder:
             raise ValueError("lora.text_encoder_target_modules is set but lora.train_text_encoder is false")
+        if self.train.ema_decay is not None and self.distributed.zero_stage == 3:
+            raise ValueError("train.ema_decay needs distributed.zero_stage 0-2: under ZeRO-3 each rank holds a "
+                             "slice of the LoRA weights, and the average is kept of whole weights")
         if self.train.flow_shift is not None and arch in DDPM_ARCHS:
             raise ValueError(f"train.flow_shift applies to flow-matching models "
                              f"({', '.join(names_where(objective='flow_matching'))}), not {arch}")

@@ -32,6 +32,7 @@ from difftrain_dist.distrib.checkpoint import (
     set_aside_skipped,
     write_rank_manifest,
 )
+from difftrain_dist.distrib.ema import EMA_FILE, LoraEMA
 from difftrain_dist.distrib.engine import apply_recipe_lr, load_engine_checkpoint
 from difftrain_dist.distrib.export import write_checkpoint_lora
 from difftrain_dist.distrib.metrics import peak_rss_mib
@@ -122,6 +123,7 @@ class Checkpointer:
             return TrainState()
         load_engine_checkpoint(trainee.engine, plan.load_dir, deepspeed_tag(info.step), universal=plan.reshard)
         apply_recipe_lr(trainee.engine.lr_scheduler, self.recipe.train.lr)
+        restore_ema(trainee, info)
         if global_rank < len(info.manifests):  # ranks new to a re-sharded run keep their fresh seeds
             restore_rng(info.manifests[global_rank].rng, trainee.noise_generator)
         self.last = info.path
@@ -179,6 +181,20 @@ class Checkpointer:
             "saved_at": time.time(),
             "peak_rss_mib": peak_rss_mib(),
         }
+
+
+def restore_ema(trainee: Trainee, info: CheckpointInfo) -> None:
+    """Load the checkpoint's moving average into `trainee.ema`; a checkpoint written without one
+    (EMA turned on for the rest of a run) starts it from the weights just loaded."""
+    if trainee.ema is None:
+        return
+    saved = info.path / EMA_FILE
+    if saved.is_file():
+        trainee.ema.load(saved)
+        return
+    trainee.ema = LoraEMA(trainee.engine.module, trainee.ema.decay)
+    if dist.get_rank() == 0:
+        log.warning("%s holds no moving average: the EMA starts from its weights", info.path.name)
 
 
 class RanksDisagreeError(RuntimeError):

@@ -8,9 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from difftrain_dist.distrib.checkpoint import LORA_FILE, CheckpointInfo, deepspeed_tag, inspect_checkpoint
+from difftrain_dist.distrib.ema import EMA_FILE
+from difftrain_dist.distrib.engine import DTYPES
 from difftrain_dist.models import (
     MODELSPEC_PREDICTION_TYPES,
     get_adapter,
@@ -41,8 +44,10 @@ def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step
 
 
 def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write: bool) -> None:
-    """Write `lora.safetensors` from the in-memory adapter weights, in the architecture's
-    `lora_file_format` (the layout every client of that architecture loads).
+    """Write `lora.safetensors` from the in-memory adapter weights (their moving average when the
+    recipe keeps one, which also goes to `ema.safetensors`), in the architecture's
+    `lora_file_format` (the layout every client of that architecture loads) and
+    `checkpoint.lora_dtype`.
 
     Every rank must call it: under ZeRO-3 the LoRA parameters are gathered collectively first.
     Only the rank with `write=True` writes the file.
@@ -51,16 +56,20 @@ def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write:
     with gathered_lora(module, recipe.distributed.zero_stage):
         if not write:
             return
+        if trainee.ema is not None:
+            trainee.ema.save(local_dir / EMA_FILE)
         configs = trainee.lora_config_dicts()
         adapter = trainee.adapter
-        save_lora_file(
-            local_dir / LORA_FILE,
-            module.lora_state_dict(),
-            lora_configs=configs,
-            fmt=adapter.lora_file_format,
-            kohya_prefixes=adapter.kohya_prefixes,
-            metadata=lora_file_metadata(recipe.model_dump(mode="json"), configs[trainee.adapter.lora_prefix], step),
-        )
+        with trainee.ema.swapped_in() if trainee.ema is not None else contextlib.nullcontext():
+            save_lora_file(
+                local_dir / LORA_FILE,
+                module.lora_state_dict(),
+                lora_configs=configs,
+                fmt=adapter.lora_file_format,
+                kohya_prefixes=adapter.kohya_prefixes,
+                metadata=lora_file_metadata(recipe.model_dump(mode="json"), configs[adapter.lora_prefix], step),
+                dtype=DTYPES[recipe.checkpoint.lora_dtype],
+            )
 
 
 def gathered_lora(module: torch.nn.Module, zero_stage: int):
@@ -75,8 +84,12 @@ def gathered_lora(module: torch.nn.Module, zero_stage: int):
 
 
 def _consolidated_lora_weights(ckpt_dir: Path, step: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's LoRA weights in float32: its moving average when it holds one, else the
+    trained weights from the DeepSpeed files."""
     tag = deepspeed_tag(step)
-    if zero_stage == 0:
+    if (ckpt_dir / EMA_FILE).is_file():
+        weights = safetensors.torch.load_file(str(ckpt_dir / EMA_FILE))
+    elif zero_stage == 0:
         states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         weights = states["module"]
     else:
@@ -91,7 +104,7 @@ def _consolidated_lora_weights(ckpt_dir: Path, step: int, zero_stage: int) -> di
     return strip_adapter_name(lora)
 
 
-def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) -> Path:
+def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None, dtype: str | None = None) -> Path:
     """Validate a checkpoint and write its LoRA file (see `export_valid_checkpoint`).
 
     Args:
@@ -99,13 +112,16 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) ->
         out_path: the `.safetensors` file to write (parent folders are created).
         fmt: "diffusers" (peft keys under the pipeline prefix, scale folded into lora_B) or
             "kohya" (`lora_unet_*` with `.alpha`); None: the architecture's `lora_file_format`.
+        dtype: "float32", "float16" or "bfloat16"; None: the run's `checkpoint.lora_dtype`.
 
     Raises:
-        ValueError: unknown format, an output path inside the checkpoint or naming a folder, or
-            the checkpoint is invalid (the reason is given).
+        ValueError: unknown format or dtype, an output path inside the checkpoint or naming a
+            folder, or the checkpoint is invalid (the reason is given).
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ValueError(f"--output: {out_path} is a folder; give the .safetensors file to write")
@@ -114,18 +130,19 @@ def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None) ->
     info = inspect_checkpoint(Path(ckpt_dir))
     if not info.valid:
         raise ValueError(f"checkpoint {ckpt_dir} is not valid: {info.reason}")
-    return export_valid_checkpoint(info, out_path, fmt)
+    return export_valid_checkpoint(info, out_path, fmt, dtype)
 
 
-def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | None = None, *,
-                            from_shards: bool = False) -> Path:
+def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | None = None, dtype: str | None = None,
+                            *, from_shards: bool = False) -> Path:
     """Write the LoRA file of a checkpoint `inspect_checkpoint` found valid.
 
-    In the architecture's own format (`fmt` None or equal to it) this is the checkpoint's
-    `lora.safetensors`, copied (written at save time from the in-memory weights; its sha256 was
-    checked with the checkpoint). In the other format the weights are consolidated from the
-    DeepSpeed shards (`zero_to_fp32`), as for a checkpoint without a LoRA file, or when
-    `from_shards`.
+    In the architecture's own format and the run's `checkpoint.lora_dtype` (`fmt`, `dtype` None
+    or equal to them) this is the checkpoint's `lora.safetensors`, copied (written at save time
+    from the in-memory weights; its sha256 was checked with the checkpoint). Otherwise the
+    float32 weights are read from the checkpoint's `ema.safetensors` when it has one, else
+    consolidated from the DeepSpeed shards (`zero_to_fp32`), as for a checkpoint without a LoRA
+    file, or when `from_shards`.
 
     Raises:
         ValueError: kohya asked for an architecture without a kohya layout, or no LoRA weights.
@@ -140,7 +157,9 @@ def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | Non
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     saved = info.path / LORA_FILE
-    if fmt == adapter.lora_file_format and saved.is_file() and not from_shards:
+    saved_dtype = recipe.get("checkpoint", {}).get("lora_dtype", "float32")
+    dtype = dtype or saved_dtype
+    if fmt == adapter.lora_file_format and dtype == saved_dtype and saved.is_file() and not from_shards:
         partial = out_path.with_name(out_path.name + ".partial")
         shutil.copyfile(saved, partial)
         partial.replace(out_path)
@@ -156,4 +175,5 @@ def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | Non
         fmt=fmt,
         kohya_prefixes=adapter.kohya_prefixes,
         metadata=lora_file_metadata(recipe, configs[adapter.lora_prefix], info.step),
+        dtype=DTYPES[dtype],
     )

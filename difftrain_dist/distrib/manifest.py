@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MANIFEST_VERSION = 1
 
@@ -65,11 +65,13 @@ class RankManifest(BaseModel):
     """Every other file this rank wrote, relative to the checkpoint folder → its sha256 (hex).
     Under ZeRO-0 only rank 0 writes files (the whole state); every other rank writes some."""
 
-    @model_validator(mode="after")
-    def _files_where_due(self) -> RankManifest:
-        if not self.files and (self.global_rank == 0 or self.zero_stage > 0):
-            raise ValueError(f"files: rank {self.global_rank} of a ZeRO-{self.zero_stage} checkpoint lists none")
-        return self
+    @field_validator("files")
+    @classmethod
+    def _files_where_due(cls, files: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        rank, stage = info.data.get("global_rank"), info.data.get("zero_stage")
+        if not files and (rank == 0 or (stage or 0) > 0):
+            raise ValueError(f"rank {rank} of a ZeRO-{stage} checkpoint lists none")
+        return files
 
 
 def write_manifest(path: Path, manifest: RankManifest) -> None:
@@ -93,4 +95,4 @@ def read_manifest(path: Path) -> tuple[RankManifest | None, str]:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        return None, f"{path.name}: {where}: {first['msg']}"
+        return None, f"{path.name}: {where}: {first['msg'].removeprefix('Value error, ')}"

@@ -3,6 +3,7 @@ rendered with the in-memory LoRA."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -46,14 +47,16 @@ def render_training_samples(trainee: Trainee, recipe: Recipe, step: int) -> Path
     module = trainee.engine.module
     module.eval()
     try:
-        images = render(
-            adapter.pipeline(),
-            list(sample.prompts),
-            seed=sample.seed,
-            steps=sample.num_inference_steps,
-            resolution=sample.resolution or recipe.data.resolution // 16 * 16,
-            guidance_scale=adapter.sample_guidance_scale if sample.guidance_scale is None else sample.guidance_scale,
-        )
+        with trainee.ema.swapped_in() if trainee.ema is not None else contextlib.nullcontext():
+            images = render(
+                adapter.pipeline(),
+                list(sample.prompts),
+                seed=sample.seed,
+                steps=sample.num_inference_steps,
+                resolution=sample.resolution or recipe.data.resolution // 16 * 16,
+                guidance_scale=sample.guidance_scale if sample.guidance_scale is not None
+                else adapter.sample_guidance_scale,
+            )
     finally:
         module.train()
     if rank != 0:

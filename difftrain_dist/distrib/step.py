@@ -19,7 +19,8 @@ def train_step(trainee: Trainee, micro_batches: Iterator[dict[str, Any]], gradie
 
     DeepSpeed's `engine.step()` is called after every micro-batch's backward, as DeepSpeed asks:
     the engine counts micro-batches and updates the weights (and the lr schedule) only at the
-    accumulation boundary, i.e. once per call of this function.
+    accumulation boundary, i.e. once per call of this function. The EMA of the weights, when the
+    recipe keeps one, moves after that update.
 
     Raises:
         StopIteration: the stream ran dry (it never does: ShardStream repeats epochs).
@@ -28,6 +29,8 @@ def train_step(trainee: Trainee, micro_batches: Iterator[dict[str, Any]], gradie
     for _ in range(gradient_accumulation_steps):
         losses.append(forward_backward(trainee, next(micro_batches)))
         trainee.engine.step()
+    if trainee.ema is not None:
+        trainee.ema.update()
     return sum(losses) / len(losses)
 
 

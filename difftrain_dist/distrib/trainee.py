@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from difftrain_dist.config import Recipe
+from difftrain_dist.distrib.ema import LoraEMA
 from difftrain_dist.distrib.engine import DTYPES, build_engine
 from difftrain_dist.models import get_adapter, inject_lora, lora_config_dict
 from difftrain_dist.models.base import TEXT_ENCODER_LORA_TARGETS, DiffusionAdapter
@@ -28,6 +29,8 @@ class Trainee:
     """Pipeline component ("unet", "transformer", "text_encoder", …) → its peft LoraConfig."""
     device: torch.device
     noise_generator: torch.Generator
+    ema: LoraEMA | None = None
+    """The moving average of the LoRA weights (`train.ema_decay`), None without one."""
     precomputed_conditioning: bool = False
     """Use a batch's "conditioning" (precomputed from the stored captions) instead of encoding its
     captions: only valid when the recipe's caption transforms leave captions as stored and the
@@ -88,7 +91,8 @@ def setup_trainee(
     trained.train()
     engine, _, _ = build_engine(trained, recipe)
     noise_generator = torch.Generator(device).manual_seed(recipe.run.seed * 1_000_003 + global_rank)
-    return Trainee(adapter, engine, lora_configs, device, noise_generator,
+    ema = None if train.ema_decay is None else LoraEMA(engine.module, train.ema_decay)
+    return Trainee(adapter, engine, lora_configs, device, noise_generator, ema=ema,
                    precomputed_conditioning=precomputed_text_unusable(recipe) is None)
 
 

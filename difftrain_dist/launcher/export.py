@@ -21,10 +21,14 @@ def export(
         typer.Option("--format", help="kohya or diffusers; default: the one training writes for the "
                      f"architecture ({_DEFAULT_FORMATS}), which every client loads."),
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="float32, float16 or bfloat16; default: the run's checkpoint.lora_dtype."),
+    ] = None,
 ) -> None:
     """Consolidate a checkpoint's DeepSpeed shards into one safetensors LoRA file."""
     from difftrain_dist.distrib.export import export_checkpoint
 
     with user_errors():
-        path = export_checkpoint(checkpoint, output, fmt=format)
+        path = export_checkpoint(checkpoint, output, fmt=format, dtype=dtype)
     console.print(f"wrote {path}")

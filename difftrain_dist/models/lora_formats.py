@@ -74,6 +74,8 @@ class LoraHeader(BaseModel):
     modelspec_prediction_type: str | None = None
     difftrain_trained_lora_alpha: str | None = None
     """The lora_alpha the run trained with, before the diffusers writer folded it into lora_B."""
+    difftrain_lora_dtype: str | None = None
+    """The dtype the tensors were written in ("float32", "float16", "bfloat16")."""
 
     def metadata(self) -> dict[str, str]:
         """The header as safetensors stores it: key → string, unset fields left out."""
@@ -109,14 +111,14 @@ def save_lora_file(
     fmt: str = "diffusers",
     kohya_prefixes: Mapping[str, str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a LoRA safetensors file atomically (temporary file, then os.replace).
 
     Args:
         path: destination `.safetensors` file; its folder is created if missing.
         state_dict: peft keys under their pipeline component, without adapter name
-            (`unet.…to_q.lora_A.weight` [r, in], `text_encoder.…q_proj.lora_B.weight` [out, r]);
-            written in their own dtype.
+            (`unet.…to_q.lora_A.weight` [r, in], `text_encoder.…q_proj.lora_B.weight` [out, r]).
         lora_configs: component ("unet", "transformer", "text_encoder", …) →
             `lora_config_dict(config)`, one per component present in `state_dict`; each
             needs at least "r" and "lora_alpha".
@@ -132,12 +134,14 @@ def save_lora_file(
             "kohya" — keys `<kohya prefix>_<path_with_underscores>.lora_down.weight`
             (= lora_A), `.lora_up.weight` (= lora_B), `.alpha` (float32 scalar = lora_alpha),
             from diffusers' `convert_state_dict_to_kohya` with its alpha (which it sets to the
-            rank) replaced by lora_alpha; `ss_network_dim`/`ss_network_alpha` are added if
-            missing.
+            rank) replaced by lora_alpha; `ss_network_dim`/`ss_network_alpha` added if missing.
         kohya_prefixes: component → kohya key prefix ("unet" → "lora_unet", "text_encoder" →
             "lora_te" for SD1.x or "lora_te1" for SDXL; the adapter's `kohya_prefixes`).
             Required for "kohya".
         metadata: extra string header entries (`ss_*`, `modelspec.*`, see training_metadata).
+        dtype: the dtype the LoRA tensors are written in (cast after the scale is folded in);
+            recorded in the header as `difftrain.lora_dtype`. None: each tensor's own. kohya's
+            `.alpha` scalars stay float32.
 
     Returns `path`. Raises ValueError for an unknown `fmt`, an empty state dict, keys without
     a component in `lora_configs` or still carrying an adapter name, a non-string metadata
@@ -156,8 +160,15 @@ def save_lora_file(
         first = next(iter(lora_configs.values()))
         header = {"ss_network_dim": str(first["r"]), "ss_network_alpha": str(float(first["lora_alpha"])),
                   "ss_network_module": "networks.lora", **header}
-    tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
-    return _atomic_save(Path(path), tensors, LoraHeader.model_validate({**header, "format": "pt"}))
+    if dtype is not None:
+        header["difftrain.lora_dtype"] = str(dtype).removeprefix("torch.")
+    return _atomic_save(Path(path), _cast(tensors, dtype), LoraHeader.model_validate({**header, "format": "pt"}))
+
+
+def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Detached contiguous tensors in `dtype` (None: their own), kohya's `.alpha` scalars kept."""
+    return {key: (value if dtype is None or key.endswith(".alpha") else value.to(dtype)).detach().contiguous()
+            for key, value in tensors.items()}
 
 
 def _diffusers_layout(
