@@ -77,8 +77,8 @@ def test_set_up_objects_are_frozen_during_the_step_loop_only():
         assert gc.is_tracked(set_up) and all(set_up is not o for o in gc.get_objects())  # not walked
         during = Node()
         assert any(during is o for o in gc.get_objects())  # what the loop allocates is collected as usual
-        frozen = gc.get_freeze_count()
         with frozen_setup_objects():  # nested: leaves the outer block's objects frozen
             pass
-        assert gc.get_freeze_count() == frozen
+        # (the count itself may drop: a frozen object freed by reference counting leaves it)
+        assert gc.get_freeze_count() > 0 and all(set_up is not o for o in gc.get_objects())
     assert gc.get_freeze_count() == 0

@@ -5,16 +5,16 @@ the file, applies ``--set section.field=value`` overrides and validates it. Unkn
 errors that name the key and where it is.
 """
 
+from .common import RecipeError
+from .data import DataSection, DatasetFolder
 from .load import apply_overrides, load_recipe, recipe_from_dict
 from .recipe import (
     ARCHS,
     CheckpointSection,
-    DataSection,
     DistributedSection,
     LoraSection,
     ModelSection,
     Recipe,
-    RecipeError,
     RunSection,
     SampleSection,
     TrainSection,
@@ -22,7 +22,7 @@ from .recipe import (
 )
 
 __all__ = [
-    "ARCHS", "CheckpointSection", "DataSection", "DistributedSection", "LoraSection", "ModelSection",
+    "ARCHS", "CheckpointSection", "DataSection", "DatasetFolder", "DistributedSection", "LoraSection", "ModelSection",
     "Recipe", "RecipeError", "RunSection", "SampleSection", "TrainSection", "apply_overrides",
     "changed_fields", "load_recipe", "recipe_from_dict",
 ]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from .recipe import Recipe, RecipeError
+from .aitoolkit import convert_job, is_aitoolkit_job
+from .common import RecipeError
+from .recipe import Recipe
+
+log = logging.getLogger("difftrain_dist")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -27,7 +33,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text else None
+        node[parts[-1]] = yaml.load(text, Loader=_Loader) if text else None
     return raw
 
 
@@ -64,6 +70,40 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", *, check_paths
     return _absolute_paths(recipe) if check_paths else recipe
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-4` as a float as YAML 1.2 does (PyYAML's YAML 1.1
+    resolver wants `1.0e-4` and makes `1e-4` a string; ai-toolkit patches its loader the same way)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The YAML mapping in `path` (a native recipe or an ai-toolkit job).
+
+    Raises:
+        RecipeError: the file is missing, not valid YAML, or not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping of sections (run, model, data, train, ...)")
+    return raw
+
+
 def load_recipe(
     path: Path,
     overrides: list[str] | None = None,
@@ -71,7 +111,9 @@ def load_recipe(
     replace: dict[str, Any] | None = None,
     check_paths: bool = True,
 ) -> Recipe:
-    """Read a YAML recipe, apply `--set` overrides and validate it.
+    """Read a YAML recipe, apply `--set` overrides and validate it. An ai-toolkit job file is
+    read as the native recipe it means (aitoolkit.py; each key it accepts without a meaning here
+    is logged as a one-line note) before the overrides.
 
     Relative paths in the recipe are taken relative to the current directory. `replace` sets
     dotted fields to values as given (no YAML parsing), after the overrides. `check_paths`: see
@@ -80,15 +122,12 @@ def load_recipe(
     Raises:
         RecipeError: the file is missing, is not a YAML mapping, or fails validation.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a YAML mapping of sections (run, model, data, train, ...)")
+    raw = read_recipe_file(path)
+    if is_aitoolkit_job(raw):
+        conversion = convert_job(raw, str(path))
+        for note in conversion.notes:
+            log.warning("note: %s", note)
+        raw = conversion.recipe
     raw = apply_overrides(raw, overrides or [])
     for key, value in (replace or {}).items():
         *sections, field = key.split(".")
@@ -102,7 +141,13 @@ def load_recipe(
 def _absolute_paths(recipe: Recipe) -> Recipe:
     recipe.run.output_dir = recipe.run.output_dir.expanduser().resolve()
     recipe.run.storage_path = recipe.run.storage_path.expanduser().resolve()
-    recipe.data.shards = recipe.data.shards.expanduser().resolve()
+    data = recipe.data
+    if data.shards is not None:
+        data.shards = data.shards.expanduser().resolve()
+    if data.shards_cache is not None:
+        data.shards_cache = data.shards_cache.expanduser().resolve()
+    for dataset in data.datasets or []:
+        dataset.folder = dataset.folder.expanduser().resolve()
     local = Path(recipe.model.path).expanduser()
     if local.is_dir():
         recipe.model.path = str(local.resolve())

@@ -11,11 +11,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationInfo,
@@ -32,20 +30,10 @@ from difftrain_dist.distrib.optimizers import (
 )
 from difftrain_dist.models.families import FAMILY_NAMES, names_where
 
-if TYPE_CHECKING:
-    from difftrain_dist.data_shards.index import ShardIndex
+from .common import Section, checks_paths
+from .data import DataSection, read_index
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names every offending field."""
-
-
-def _checks_paths(info: ValidationInfo) -> bool:
-    """False when validating with context {"check_paths": False}: paths that live on a cluster
-    (`cluster k8s`, `submit --no-path-check`) are taken as given, not looked up here."""
-    return (info.context or {}).get("check_paths", True)
 
 
 def _folder_problem(path: Path) -> str | None:
@@ -70,13 +58,7 @@ def _folder_problem(path: Path) -> str | None:
     return None
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
-    )
-
-
-class RunSection(_Section):
+class RunSection(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: names the checkpoint folder and the LoRA file; reuse it to resume."""
     seed: int = Field(0, ge=0, lt=2**63)
@@ -91,7 +73,7 @@ class RunSection(_Section):
     @field_validator("output_dir", "storage_path")
     @classmethod
     def _writable_folder(cls, value: Path, info: ValidationInfo) -> Path:
-        if _checks_paths(info) and (problem := _folder_problem(value)):
+        if checks_paths(info) and (problem := _folder_problem(value)):
             raise ValueError(problem)
         return value
 
@@ -102,7 +84,7 @@ TEXT_ENCODER_LORA_ARCHS = tuple(names_where(text_encoder_lora=True))
 OPTIONAL_T5_ARCHS = tuple(names_where(optional_t5=True))
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     arch: Literal[ARCHS] = ARCHS[0]  # type: ignore[valid-type]
     """Model architecture, a name in the table of families (models/families.py: sd15, sdxl, sd3,
     flux — FLUX.1 dev or schnell); picks the adapter."""
@@ -127,7 +109,7 @@ class ModelSection(_Section):
     @field_validator("path")
     @classmethod
     def _path_exists_or_hub_id(cls, value: str, info: ValidationInfo) -> str:
-        if not _checks_paths(info):
+        if not checks_paths(info):
             return value
         local = Path(value).expanduser()
         if local.is_dir():
@@ -139,7 +121,7 @@ class ModelSection(_Section):
         raise ValueError(f"no diffusers model folder at {value!r} (and it is not a hub id 'org/name')")
 
 
-class LoraSection(_Section):
+class LoraSection(Section):
     rank: int = Field(16, ge=1)
     """LoRA rank r (inner dimension of lora_A / lora_B)."""
     alpha: float = Field(16.0, gt=0)
@@ -154,45 +136,7 @@ class LoraSection(_Section):
     """Text-encoder modules that receive LoRA; None uses CLIP's q/k/v/out projections."""
 
 
-class DataSection(_Section):
-    shards: Path
-    """Folder holding `index.json` and `shard-*.tar` written by `difftrain-dist shards build`."""
-    resolution: int | None = Field(None, ge=64, multiple_of=8)
-    """Bucket resolution in pixels (√area) the shards were built at; None takes the shards' largest."""
-    micro_batch_size: int = Field(1, ge=1)
-    """Samples per rank per forward pass."""
-    loader_workers: int = Field(0, ge=0)
-    """DataLoader worker processes per rank (0 decodes in the training process)."""
-    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    """Probability (0-1) that a sample's caption is replaced by "" in an epoch."""
-    shuffle_captions: bool = False
-    """Shuffle each caption's comma-separated tags every epoch (after the first `keep_tokens`)."""
-    keep_tokens: int = Field(0, ge=0)
-    """Leading comma-separated tags (count) that `shuffle_captions` leaves in place."""
-    trigger_word: str | None = None
-    """Trigger word (text): fills `[trigger]`/`[name]` and is prepended to captions lacking it."""
-
-    @field_validator("shards")
-    @classmethod
-    def _index_exists(cls, value: Path, info: ValidationInfo) -> Path:
-        if _checks_paths(info) and not (value.expanduser() / "index.json").is_file():
-            raise ValueError(f"no index.json in {str(value)!r}; build shards with `difftrain-dist shards build`")
-        return value
-
-    @model_validator(mode="after")
-    def _resolution_of_the_shards(self, info: ValidationInfo) -> DataSection:
-        if not _checks_paths(info):
-            return self
-        built = _read_index(self.shards.expanduser()).resolutions
-        if self.resolution is None:
-            if built:
-                self.__dict__["resolution"] = max(built)
-        elif built and self.resolution not in built:
-            raise ValueError(f"resolution {self.resolution}, but the shards were built at {built}")
-        return self
-
-
-class TrainSection(_Section):
+class TrainSection(Section):
     max_steps: int = Field(ge=1)
     """Optimizer steps to train for."""
     lr: float = Field(1e-4, gt=0)
@@ -250,7 +194,7 @@ class TrainSection(_Section):
     FLUX LoRA example use)."""
 
 
-class DistributedSection(_Section):
+class DistributedSection(Section):
     num_workers: int = Field(1, ge=1)
     """Training processes (one per GPU when use_gpu)."""
     use_gpu: bool = False
@@ -269,7 +213,7 @@ class DistributedSection(_Section):
     """Ray cluster address; None starts an embedded local cluster (or uses RAY_ADDRESS)."""
 
 
-class CheckpointSection(_Section):
+class CheckpointSection(Section):
     every_n_steps: int = Field(500, ge=1)
     """Save a checkpoint every this many optimizer steps (and always at the last step)."""
     keep_last: int | None = Field(3, ge=1)
@@ -279,7 +223,7 @@ class CheckpointSection(_Section):
     checkpoints' optimizer state stay float32."""
 
 
-class SampleSection(_Section):
+class SampleSection(Section):
     every_n_steps: int | None = Field(None, ge=1)
     """Render `prompts` every this many optimizer steps (rank 0, in-memory LoRA); None: never."""
     prompts: list[str] = []
@@ -300,7 +244,7 @@ class SampleSection(_Section):
         return self
 
 
-class Recipe(_Section):
+class Recipe(Section):
     """A whole training run. Load with :func:`load_recipe`."""
 
     run: RunSection
@@ -322,7 +266,7 @@ class Recipe(_Section):
         reason = why_not_stage(train.optimizer, distributed.zero_stage)
         if reason:
             raise ValueError(f"train.optimizer: {reason}")
-        if _checks_paths(info):  # the optimizer's package is where the run starts, not on a submit host
+        if checks_paths(info):  # the optimizer's package is where the run starts, not on a submit host
             optimizer_kwargs(train.optimizer, train.lr, train.weight_decay, train.betas, train.optimizer_args)
         return self
 
@@ -376,6 +320,10 @@ class Recipe(_Section):
             "data.micro_batch_size": self.data.micro_batch_size,
         }
 
+    def forget_identity(self) -> None:
+        """Read `resume_identity` again on next use (after `data.shards` was set from `data.datasets`)."""
+        self._identity = None
+
     def recipe_hash(self) -> str:
         """sha256 (hex) of :meth:`resume_identity`."""
         return hashlib.sha256(json.dumps(self.resume_identity(), sort_keys=True).encode()).hexdigest()
@@ -384,12 +332,6 @@ class Recipe(_Section):
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Names of the resume-identity fields that differ between two :meth:`Recipe.resume_identity`."""
     return [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-
-
-def _read_index(folder: Path) -> ShardIndex:
-    from difftrain_dist.data_shards.index import ShardIndex  # the data package imports torch
-
-    return ShardIndex.load(folder)
 
 
 def _digest_files(files: list[Path]) -> str:
@@ -409,7 +351,7 @@ def _model_identity(path: str) -> str:
 def _shards_identity(folder: Path) -> str:
     """The shards' checksums, or the folder's path where it cannot be read here (a cluster path)."""
     try:
-        shards = _read_index(Path(folder)).shards
+        shards = read_index(Path(folder)).shards
     except ValueError:
         return str(folder)
     return "shards:" + hashlib.sha256(json.dumps([s.sha256 for s in shards]).encode()).hexdigest()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from random import Random
 from typing import Any
@@ -79,6 +79,8 @@ class ShardStream(IterableDataset):
         keep_tokens: leading tags that shuffle_captions keeps in place.
         trigger_word: fills `[trigger]`/`[name]` and is prepended to captions lacking it.
             See captions.CaptionTransform; all of these are deterministic in (seed, epoch, key).
+        caption_transforms: one CaptionTransform per shard of the index, in index order (shards of
+            several datasets, each read with its own options); replaces the four arguments above.
 
     Raises:
         ValueError: bad arguments, an unreadable index, too few samples for
@@ -91,7 +93,7 @@ class ShardStream(IterableDataset):
                  global_rank: int, world_size: int, seed: int, start_epoch: int = 0,
                  start_batch: int = 0, shuffle_buffer: int = 64, num_workers: int = 0,
                  caption_dropout: float = 0.0, shuffle_captions: bool = False, keep_tokens: int = 0,
-                 trigger_word: str | None = None):
+                 trigger_word: str | None = None, caption_transforms: Sequence[CaptionTransform] | None = None):
         super().__init__()
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index)
         _check_int("micro_batch_size", micro_batch_size, 1)
@@ -104,7 +106,12 @@ class ShardStream(IterableDataset):
             _check_int(name, value, 0)
         if not self.index.shards or self.index.num_samples == 0:
             raise ValueError(f"index {self.index.root}: holds no samples")
-        self.captions = CaptionTransform(caption_dropout, shuffle_captions, keep_tokens, trigger_word or None)
+        if caption_transforms is None:
+            caption_transforms = [CaptionTransform(caption_dropout, shuffle_captions, keep_tokens,
+                                                   trigger_word or None)] * len(self.index.shards)
+        if len(caption_transforms) != len(self.index.shards):
+            raise ValueError(f"caption_transforms: {len(caption_transforms)} for {len(self.index.shards)} shards")
+        self.captions = list(caption_transforms)
         self.micro_batch_size = micro_batch_size
         self.global_rank = global_rank
         self.world_size = world_size
@@ -200,7 +207,7 @@ class ShardStream(IterableDataset):
                     ordinal = seen[bucket]
                     seen[bucket] += 1
                     if slice_of(unit.shard, bucket, ordinal, unit.num_slices) == unit.slice_index:
-                        yield {**sample, "__key__": f"{key}#{copy}" if copy else key}, bucket
+                        yield {**sample, "__key__": f"{key}#{copy}" if copy else key, "__shard__": unit.shard}, bucket
             if seen != self._epoch_counts[unit.shard]:
                 info = self.index.shards[unit.shard]
                 raise ValueError(f"{self.index.shard_path(unit.shard)}: holds other samples than index.json "
@@ -218,8 +225,6 @@ class ShardStream(IterableDataset):
 
     def _bucket_of(self, sample: Sample, shard: int) -> int:
         """Bucket id of a sample, from its KEY.json ("bucket": [w, h])."""
-        if "json" not in sample and len(self._bucket_names) == 1:
-            return 0  # a version 1 shard: one bucket
         try:
             name = bucket_name(tuple(json.loads(sample["json"])["bucket"]))
             return self._bucket_ids[name]
@@ -241,8 +246,8 @@ class ShardStream(IterableDataset):
         return {
             "pixel_values": to_pixel_values(np.stack(pixels)),
             "bucket": list(bucket),
-            "captions": [self.captions(s["txt"].decode("utf-8"), seed=self.seed, epoch=epoch, key=s["__key__"])
-                         for s in batch],
+            "captions": [self.captions[s["__shard__"]](s["txt"].decode("utf-8"), seed=self.seed, epoch=epoch,
+                                                        key=s["__key__"]) for s in batch],
             "keys": [s["__key__"] for s in batch],
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from difftrain_dist.config import Recipe
-from difftrain_dist.data_shards import ShardIndex, ShardStream
+from difftrain_dist.data_shards import CaptionTransform, ShardIndex, ShardStream
+from difftrain_dist.data_shards.cache import dataset_of
 from difftrain_dist.distrib.state import TrainState
 from difftrain_dist.distrib.trainee import precomputed_text_unusable
 from difftrain_dist.models import get_adapter
@@ -25,8 +26,9 @@ def make_stream(recipe: Recipe, state: TrainState | None = None) -> ShardStream:
     """This rank's stream over `data.shards`, starting at `state`'s data cursor (default: the start)."""
     state = state or TrainState()
     data = recipe.data
+    index = ShardIndex.load(data.shards)
     return ShardStream(
-        data.shards,
+        index,
         micro_batch_size=data.micro_batch_size,
         global_rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -38,7 +40,22 @@ def make_stream(recipe: Recipe, state: TrainState | None = None) -> ShardStream:
         shuffle_captions=data.shuffle_captions,
         keep_tokens=data.keep_tokens,
         trigger_word=data.trigger_word,
+        caption_transforms=None if data.datasets is None else per_shard_captions(recipe, index),
     )
+
+
+def per_shard_captions(recipe: Recipe, index: ShardIndex) -> list[CaptionTransform]:
+    """Each shard's caption options: those of the dataset folder it was built from (its
+    `dataset-<i>/` prefix in the cache entry), the `data` section's where the folder sets none."""
+    data = recipe.data
+    transforms = []
+    for dataset in data.datasets:
+        transforms.append(CaptionTransform(
+            data.caption_dropout if dataset.caption_dropout is None else dataset.caption_dropout,
+            data.shuffle_captions if dataset.shuffle_captions is None else dataset.shuffle_captions,
+            data.keep_tokens if dataset.keep_tokens is None else dataset.keep_tokens,
+            data.trigger_word or None))
+    return [transforms[dataset_of(shard.name)] for shard in index.shards]
 
 
 def make_loader(stream: ShardStream, recipe: Recipe) -> DataLoader:

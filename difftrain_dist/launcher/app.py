@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from difftrain_dist.cluster.secrets import DEFAULT_ENV_FILE, load_env_file
-from difftrain_dist.launcher import checkpoints, cluster, export, models, sample, shards, train, worker
+from difftrain_dist.launcher import checkpoints, cluster, export, models, recipe, sample, shards, train, worker
 from difftrain_dist.launcher.common import user_errors
 from difftrain_dist.quiet import apply_quiet_env
 
@@ -25,6 +25,7 @@ app.command("sample")(sample.sample)
 app.command("worker")(worker.worker)
 app.add_typer(shards.app, name="shards")
 app.add_typer(models.app, name="models")
+app.add_typer(recipe.app, name="recipe")
 app.command("submit")(cluster.submit)
 app.add_typer(cluster.jobs_app, name="jobs")
 app.add_typer(cluster.cluster_app, name="cluster")

@@ -65,8 +65,11 @@ def resume(
 def run(cfg: Recipe, progress: bool) -> None:
     """Run a validated recipe and report the result; exit 75 when stopped by a signal, 130 when
     aborted by a second one."""
+    from difftrain_dist.distrib.driver.datasets import build_datasets
     from difftrain_dist.distrib.driver.ray_job import run_training
 
+    with user_errors():
+        build_datasets(cfg)
     console.print(
         f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "
         f"ZeRO-{cfg.distributed.zero_stage}, {cfg.train.max_steps} steps, checkpoints in {cfg.run_dir}"

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
 from difftrain_dist.distrib.data import check_data_fits_model
+from difftrain_dist.distrib.driver.datasets import build_datasets
 from difftrain_dist.distrib.driver.finish import finish_run
 from difftrain_dist.distrib.loop import train_worker
 from difftrain_dist.distrib.session import LocalSession
@@ -38,7 +39,6 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         ValueError: the rendezvous variables are missing.
     """
     _env_from_slurm()
-    check_data_fits_model(recipe, ShardIndex.load(recipe.data.shards))
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise ValueError(f"run under torchrun or srun: environment lacks {', '.join(missing)}")
@@ -46,6 +46,8 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend="nccl" if recipe.distributed.use_gpu else "gloo")
     try:
+        shared_datasets(recipe)
+        check_data_fits_model(recipe, ShardIndex.load(recipe.data.shards))
         result = train_worker(recipe, LocalSession())
         dist.barrier()
         if dist.get_rank() != 0:
@@ -54,3 +56,23 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         return done.lora_path, done.preempted
     finally:
         dist.destroy_process_group()
+
+
+def shared_datasets(recipe: Recipe) -> None:
+    """Rank 0 builds the recipe's image folders into shards (or finds them built) while the other
+    ranks wait, then tells them where they are; a failed build stops every rank."""
+    if recipe.data.datasets is None:
+        return
+    message: list = [None, None, None]  # error, shards folder, resolution
+    if dist.get_rank() == 0:
+        try:
+            build_datasets(recipe)
+            message[1:] = [str(recipe.data.shards), recipe.data.resolution]
+        except ValueError as err:
+            message[0] = str(err)
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise ValueError(message[0])
+    if dist.get_rank() != 0:
+        recipe.data.shards, recipe.data.resolution = Path(message[1]), message[2]
+        recipe.forget_identity()

@@ -229,7 +229,10 @@ def save_run_recipe(recipe: Recipe) -> Path:
     """Write the recipe the run was started with to `run_dir/recipe.yaml` (read by `resume`)."""
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     path = recipe.run_dir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    raw = recipe.model_dump(mode="json")
+    if recipe.data.datasets is not None:  # the cache entry is found again from the folders' files
+        raw["data"]["shards"] = None
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
