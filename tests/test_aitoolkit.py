@@ -224,6 +224,4 @@ def test_the_cli_trains_an_ai_toolkit_job_on_two_workers(tmp_path, tiny_model, p
     lora_file = tmp_path / "output" / "aitk_sd15" / "aitk_sd15.safetensors"
     tensors, _ = read_lora_file(lora_file)
     assert tensors and all(key.startswith("lora_unet_") for key in tensors)
-    again = run_cli("train", str(job), *sets, "--no-progress", cwd=tmp_path)  # done: resumes at the end
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "built shards" not in again.stderr
+    assert len(list((tmp_path / "output" / ".shards-cache").iterdir())) == 1  # built once, by the driver
