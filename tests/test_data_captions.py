@@ -65,11 +65,11 @@ def test_bad_values_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="keep_tokens"):
         CaptionTransform(keep_tokens=-1)
     (tmp_path / "index.json").write_text(EMPTY_INDEX)
-    section = DataSection(shards=tmp_path, caption_dropout=0.1, shuffle_captions=True, keep_tokens=1,
+    section = DataSection(shards=tmp_path, resolution=64, caption_dropout=0.1, shuffle_captions=True, keep_tokens=1,
                           trigger_word="sks")
     assert (section.caption_dropout, section.keep_tokens, section.trigger_word) == (0.1, 1, "sks")
-    assert DataSection(shards=tmp_path).caption_dropout == 0.0
+    assert DataSection(shards=tmp_path, resolution=64).caption_dropout == 0.0
     with pytest.raises(ValidationError, match="caption_dropout"):
-        DataSection(shards=tmp_path, caption_dropout=1.5)
+        DataSection(shards=tmp_path, resolution=64, caption_dropout=1.5)
     with pytest.raises(ValidationError, match="keep_tokens"):
-        DataSection(shards=tmp_path, keep_tokens=-1)
+        DataSection(shards=tmp_path, resolution=64, keep_tokens=-1)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from difftrain_dist.data_shards import ShardIndex, ShardStream, build_shards
-from difftrain_dist.data_shards.index import Precomputed, SidecarInfo, sha256_file
+from difftrain_dist.data_shards.files import sha256_file
+from difftrain_dist.data_shards.index import Precomputed, SidecarInfo
 from difftrain_dist.data_shards.precomputed import sidecar_name, tar_samples, write_sidecar
 
 from .shard_sources import KEPT, RES, SKIPPED, TRIGGER, caption_for, read_tar, write_input

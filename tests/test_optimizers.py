@@ -34,7 +34,7 @@ def test_each_optimizer_gets_the_stage_its_statistics_allow(tmp_path, tiny_sd15_
               for name in OPTIMIZER_NAMES}
     assert stages == {"adamw": 1, "adamw8bit": 1, "lion": 1, "prodigy": 0, "adafactor": 0, "came": 0}
     assert {name: spec.statistics for name, spec in OPTIMIZERS.items()} == {
-        "adamw": "element", "adamw8bit": "element", "lion": "element", "prodigy": "global",
+        "adamw": "element", "adamw8bit": "block", "lion": "element", "prodigy": "global",
         "adafactor": "tensor", "came": "tensor"}
     with pytest.raises(RecipeError, match=r"train.optimizer: prodigy's statistics sums over all parameters .*"
                                           r"ZeRO-1 gives each rank a flat slice.*distributed.zero_stage: 0"):
@@ -57,6 +57,9 @@ def test_optimizer_args_are_checked_against_the_constructor(tmp_path, tiny_sd15_
         load(optimizer_args={"lr": 1.0})
     with pytest.raises(RecipeError, match=r"train.betas: came takes no pair of betas"):
         load(optimizer="came", betas=[0.9, 0.99])
+    assert load(optimizer="came", optimizer_args={"betas": [0.9, 0.99, 0.999]}).train.optimizer_args["betas"]
+    with pytest.raises(RecipeError, match=r"train.optimizer_args: adamw refuses \{.*'eps': 'abc'.*\}: TypeError"):
+        load(optimizer_args={"eps": "abc"})  # a value of the wrong type fails as the recipe loads
     with pytest.raises(RecipeError, match=r"optimizer_args.relative_step: Adafactor would then choose its own lr"):
         load(optimizer="adafactor", optimizer_args={"relative_step": True})
     with pytest.raises(RecipeError, match=r"train.optimizer: .*'sgd'"):
@@ -154,3 +157,30 @@ def test_prodigy_at_its_default_stage_matches_one_process_on_the_same_batch(tmp_
     # The same sums in another order (an all-reduce of two halves): float32 rounding only.
     assert two["d"] == pytest.approx(one["d"], rel=1e-5)
     torch.testing.assert_close(two["weights"], one["weights"], rtol=0, atol=1e-6)
+
+
+def test_resuming_keeps_the_optimizer_state_it_can_continue(tmp_path, tiny_sd15_model, photo_shards):
+    from types import SimpleNamespace as Info
+
+    from difftrain_dist.distrib.checkpoint import check_compatible
+
+    def saved(optimizer: str, stage: int, world_size: int, **train):
+        written = recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": optimizer, **train},
+                         distributed={"zero_stage": stage})
+        manifest = Info(recipe=written.model_dump(mode="json"), zero_stage=stage)
+        return Info(manifests=[manifest], world_size=world_size, path=tmp_path / "checkpoint_000000002")
+
+    lion = recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": "lion"},
+                  distributed={"zero_stage": 1, "num_workers": 2})
+    check_compatible(saved("lion", 1, 2), lion)  # the same settings: fine
+    with pytest.raises(ValueError, match=r"train.weight_decay: checkpoint_000000002 holds the optimizer state of "
+                                         r"train.weight_decay=0.1; set them back"):
+        check_compatible(saved("lion", 1, 2, weight_decay=0.1), lion)
+    with pytest.raises(ValueError, match=r"train.optimizer: .* state of train.optimizer='adamw'"):
+        check_compatible(saved("adamw", 2, 2), lion)  # named before the stage it also changes
+    with pytest.raises(ValueError, match=r"distributed.num_workers: .*written by 4 workers; .* AdamW's state only, "
+                                         r"not lion's; continue with 4 workers"):
+        check_compatible(saved("lion", 1, 4), lion)
+    prodigy = recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": "prodigy", "lr": 1.0},
+                     distributed={"num_workers": 2})
+    check_compatible(saved("prodigy", 0, 4, lr=1.0), prodigy)  # ZeRO-0 needs no re-sharding

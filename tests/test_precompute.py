@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from difftrain_dist.data_shards import ShardIndex, ShardStream
-from difftrain_dist.data_shards.index import sha256_file
+from difftrain_dist.data_shards.files import sha256_file
 from difftrain_dist.models import get_adapter
 
 

@@ -89,8 +89,12 @@ class DataSection(Section):
             return self
         built = read_index(self.shards.expanduser()).resolutions
         if self.resolution is None:
-            if built:
-                self.__dict__["resolution"] = max(built)
+            if not built:
+                raise ValueError("resolution: the shards list none they were built at; set data.resolution")
+            if max(built) < 64 or max(built) % 8:
+                raise ValueError(f"resolution: the shards were built at {max(built)} px; training takes "
+                                 "multiples of 8 px, at least 64")
+            self.__dict__["resolution"] = max(built)
         elif built and self.resolution not in built:
             raise ValueError(f"resolution {self.resolution}, but the shards were built at {built}")
         return self

@@ -24,6 +24,7 @@ from pydantic import (
 from difftrain_dist.distrib.optimizers import (
     LR_SCHEDULERS,
     OPTIMIZER_NAMES,
+    check_optimizer,
     optimizer_kwargs,
     stages_for,
     why_not_stage,
@@ -267,7 +268,8 @@ class Recipe(Section):
         if reason:
             raise ValueError(f"train.optimizer: {reason}")
         if checks_paths(info):  # the optimizer's package is where the run starts, not on a submit host
-            optimizer_kwargs(train.optimizer, train.lr, train.weight_decay, train.betas, train.optimizer_args)
+            check_optimizer(train.optimizer, optimizer_kwargs(train.optimizer, train.lr, train.weight_decay,
+                                                               train.betas, train.optimizer_args))
         return self
 
     @model_validator(mode="after")

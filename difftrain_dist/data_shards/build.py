@@ -41,8 +41,9 @@ from .buckets import (
     parse_bucket,
 )
 from .captions import fill_placeholders
+from .files import sha256_file
 from .images import DECODE_ERRORS, encode_jpeg, fit_to_bucket, open_oriented, to_rgb
-from .index import ShardIndex, ShardInfo, SkippedInput, UpscaledInput, sha256_file
+from .index import ShardIndex, ShardInfo, SkippedInput, UpscaledInput
 from .sources import InputItem, SkipInput, error_text, folder_missing_captions, iter_inputs, resolve_sources
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .build import build_shards
-from .index import INDEX_NAME, ShardIndex, merge_indexes, sha256_file
+from .files import sha256_file
+from .index import INDEX_NAME, ShardIndex, merge_indexes
 
 log = logging.getLogger("difftrain_dist")
 

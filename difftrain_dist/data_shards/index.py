@@ -35,13 +35,10 @@ The file is read and written only through the pydantic models below (`ShardIndex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
 
 from pydantic import (
     AfterValidator,
@@ -49,6 +46,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveInt,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -56,68 +54,10 @@ from pydantic import (
 )
 
 from .buckets import parse_bucket
+from .files import check_file, check_size, local_path
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 2
-
-
-def local_path(path_or_url: str | os.PathLike[str]) -> Path:
-    """Turn a local path or a `file://` URL into a `Path`.
-
-    Raises:
-        ValueError: for any other URL scheme (s3://, http://, ...).
-    """
-    text = os.fspath(path_or_url)
-    if text.startswith("file:"):
-        return Path(url2pathname(unquote(urlparse(text).path)))
-    scheme = urlparse(text).scheme
-    if len(scheme) > 1:  # one letter is a Windows drive
-        raise ValueError(f"{text}: only local paths and file:// URLs are supported, not {scheme}://")
-    return Path(text)
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in `chunk_bytes` chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-_RECOPY = "copy it again or rebuild the shards"
-
-
-def check_size(path: Path, num_bytes: int | None, what: str = "shard") -> None:
-    """Compare a file's size with the `num_bytes` index.json lists (None: not recorded, no check).
-
-    Raises:
-        ValueError: naming the file, "truncated" when it is shorter, "corrupt" when longer.
-    """
-    if num_bytes is None:
-        return
-    size = path.stat().st_size
-    if size < num_bytes:
-        raise ValueError(f"{path}: {what} is truncated: {size} of the {num_bytes} bytes index.json lists; {_RECOPY}")
-    if size > num_bytes:
-        raise ValueError(f"{path}: {what} is corrupt: {size} bytes, but index.json lists {num_bytes}; {_RECOPY}")
-
-
-def check_file(path: Path, sha256: str, num_bytes: int | None = None, what: str = "shard") -> None:
-    """Check a file against index.json: its size (when `num_bytes` is known), then its sha256
-    (reads every byte, about 1.6 GB/s on one core; see README "Datasets and shards").
-
-    Raises:
-        ValueError: naming the file and saying it is truncated or corrupt (sizes / sha256 values).
-    """
-    check_size(path, num_bytes, what)
-    actual = sha256_file(path)
-    if actual != sha256:
-        state = "corrupt" if num_bytes is not None else "corrupt or truncated"
-        advice = _RECOPY if what == "shard" else "copy it again or run `shards precompute` again"
-        raise ValueError(f"{path}: {what} is {state}: sha256 {actual} does not match index.json ({sha256}); "
-                         f"{advice}")
-
 
 
 class _Record(BaseModel):
@@ -143,12 +83,22 @@ BucketCounts = Annotated[dict[str, NonNegativeInt], AfterValidator(_check_bucket
 """Samples per bucket: "WxH" (px) → count >= 0."""
 
 
+def _relative_name(name: str) -> str:
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith("/") or ".." in parts or "\0" in name or (len(name) > 1 and name[1] == ":"):
+        raise ValueError(f"should be a path relative to the index folder, without '..', found {name!r}")
+    return name
+
+
+RelativeName = Annotated[str, AfterValidator(_relative_name)]
+
+
 class ShardInfo(_Record):
     """One shard: `name` relative to the index folder, its stored sample count, sha256 (hex), its
     samples per bucket ("WxH" -> count, summing to `num_samples`), `repeats` per epoch and its
     size in bytes (`num_bytes`; None: not recorded, checked by sha256 alone)."""
 
-    name: str
+    name: RelativeName
     num_samples: int = Field(ge=0)
     sha256: str
     buckets: BucketCounts = Field(default_factory=dict)
@@ -186,7 +136,7 @@ class SidecarInfo(_Record):
     """One shard's sidecar of precomputed latents / embeddings: `name` relative to the index
     folder and its sha256 (hex)."""
 
-    name: str
+    name: RelativeName
     sha256: str
 
 
@@ -219,7 +169,7 @@ class ShardIndex(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     version: Literal[2] = INDEX_VERSION
-    resolutions: list[int]
+    resolutions: list[PositiveInt]
     num_samples: int = Field(ge=0)
     shards: list[ShardInfo]
     buckets: BucketCounts
@@ -232,6 +182,14 @@ class ShardIndex(BaseModel):
 
     @model_validator(mode="after")
     def _counts_add_up(self) -> ShardIndex:
+        if self.shards and not self.resolutions:
+            raise ValueError("field 'resolutions' is empty, but the index lists shards")
+        histogram: dict[str, int] = {}
+        for shard in self.shards:
+            for bucket, count in shard.buckets.items():
+                histogram[bucket] = histogram.get(bucket, 0) + count
+        if {b: n for b, n in self.buckets.items() if n} != {b: n for b, n in histogram.items() if n}:
+            raise ValueError(f"field 'buckets' is {self.buckets}, but the shards hold {histogram}")
         total = sum(self.shard_sizes)
         if total != self.num_samples:
             raise ValueError(f"field 'num_samples' is {self.num_samples} but the shards list {total} samples")
@@ -323,8 +281,9 @@ class ShardIndex(BaseModel):
         try:
             text = path.read_text(encoding="utf-8")
             json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not a valid JSON shard index ({exc})") from exc
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, or an int too long
+            raise ValueError(f"{path}: not a valid JSON shard index ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
         try:
             index = cls.model_validate_json(text)
         except ValidationError as err:
@@ -429,11 +388,21 @@ def _first_problem(err: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     field_name = loc.pop() if loc and isinstance(loc[-1], str) and first["type"] != "value_error" else None
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    message = message[:1].lower() + message[1:]
+    found = "" if first["type"] == "value_error" else f" (found {_shown(first.get('input'))})"  # ours say it
     if field_name is None:
-        return f"{where}: {message}" if loc else message
+        return f"{where}: {message}{found}" if loc else f"{message}{found}"
     at = f"{where}: " if where else ""
     if first["type"] == "missing":
         return f"{at}missing field '{field_name}'"
     if first["type"] == "extra_forbidden":
         return f"{at}unknown field '{field_name}'"
-    return f"{at}field '{field_name}': {message[:1].lower()}{message[1:]} (found {first.get('input')!r})"
+    return f"{at}field '{field_name}': {message}{found}"
+
+
+def _shown(value: Any) -> str:
+    """A found value for an error line: its repr, cut to 80 characters (containers by type)."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -32,8 +32,8 @@ from urllib.parse import urlparse
 import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .files import local_path
 from .images import IMAGE_EXTENSIONS
-from .index import local_path
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")

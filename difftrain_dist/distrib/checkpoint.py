@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from difftrain_dist.config import Recipe, changed_fields
-from difftrain_dist.data_shards.index import sha256_file
+from difftrain_dist.data_shards.files import sha256_file
 from difftrain_dist.distrib.manifest import RankManifest, read_manifest, write_manifest
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d{9})$")
@@ -245,8 +245,20 @@ def choose_checkpoint(recipe: Recipe) -> tuple[CheckpointInfo | None, list[Check
     return info, skipped
 
 
-def check_compatible(info: CheckpointInfo, recipe: Recipe) -> None:
-    """Raise ValueError when the run cannot continue from `info` with this recipe's settings."""
+OPTIMIZER_SETTINGS = ("optimizer", "optimizer_args", "betas", "weight_decay")
+"""train fields a checkpoint's optimizer state was made with (lr and its schedule may change)."""
+
+
+def check_compatible(info: CheckpointInfo, recipe: Recipe, world_size: int | None = None) -> None:
+    """Raise ValueError when the run cannot continue from `info` with this recipe's settings, at
+    `world_size` ranks (None: `distributed.num_workers`)."""
+    saved = info.manifests[0].recipe.get("train", {})
+    now = recipe.train.model_dump(mode="json")
+    changed = [key for key in OPTIMIZER_SETTINGS if key in saved and saved[key] != now[key]]
+    if changed:
+        was = ", ".join(f"train.{key}={saved[key]!r}" for key in changed)
+        raise ValueError(f"{', '.join('train.' + key for key in changed)}: {info.path.name} holds the optimizer "
+                         f"state of {was}; set them back to continue it, or choose another run.name")
     stage = info.manifests[0].zero_stage
     if stage != recipe.distributed.zero_stage:
         raise ValueError(
@@ -254,9 +266,10 @@ def check_compatible(info: CheckpointInfo, recipe: Recipe) -> None:
             f"ZeRO-{recipe.distributed.zero_stage}; changing the ZeRO stage on resume is not supported "
             f"(set distributed.zero_stage={stage})"
         )
-    optimizer = info.manifests[0].recipe.get("train", {}).get("optimizer", "adamw")
-    if optimizer != recipe.train.optimizer:
+    world_size = world_size or recipe.distributed.num_workers
+    if info.world_size != world_size and stage > 0 and recipe.train.optimizer != "adamw":
         raise ValueError(
-            f"train.optimizer: {info.path.name} holds the state of {optimizer}, this run asks for "
-            f"{recipe.train.optimizer}; set train.optimizer={optimizer} to continue it, or choose another run.name"
+            f"distributed.num_workers: {info.path.name} was written by {info.world_size} workers; re-sharding it "
+            f"for {world_size} goes through DeepSpeed's universal checkpoint, which carries AdamW's state only, "
+            f"not {recipe.train.optimizer}'s; continue with {info.world_size} workers"
         )

@@ -26,6 +26,7 @@ from difftrain_dist.config import Recipe
 from difftrain_dist.distrib.checkpoint import (
     CheckpointInfo,
     apply_retention,
+    check_compatible,
     checkpoint_name,
     choose_checkpoint,
     deepspeed_tag,
@@ -94,6 +95,7 @@ class Checkpointer:
         info: CheckpointInfo | None = message[0]
         if info is None:
             return ResumePlan()
+        check_compatible(info, self.recipe, dist.get_world_size())  # the launcher's world size (torchrun)
         if info.world_size == dist.get_world_size() or self.recipe.distributed.zero_stage == 0:
             return ResumePlan(info, info.path)  # ZeRO-0 has no partitioned state: any world size loads it
         error = [None]
@@ -186,9 +188,12 @@ class Checkpointer:
 def restore_ema(trainee: Trainee, info: CheckpointInfo) -> None:
     """Load the checkpoint's moving average into `trainee.ema`; a checkpoint written without one
     (EMA turned on for the rest of a run) starts it from the weights just loaded."""
-    if trainee.ema is None:
-        return
     saved = info.path / EMA_FILE
+    if trainee.ema is None:
+        if saved.is_file() and dist.get_rank() == 0:
+            log.warning("%s holds a moving average, which this run (train.ema_decay unset) does not keep: its "
+                        "LoRA files hold the trained weights", info.path.name)
+        return
     if saved.is_file():
         trainee.ema.load(saved)
         return

@@ -7,9 +7,13 @@ Which ZeRO stage an optimizer can run under depends on what its statistics span.
 1-3 flatten every LoRA tensor into one buffer and give each rank a slice of it, and DeepSpeed
 calls the optimizer on that slice:
 
-- "element": every statistic is per element (AdamW's moments, Lion's momentum, 8-bit AdamW's
-  block-wise quantized moments): a slice is updated exactly as its elements would be in the
-  whole. Any stage.
+- "element": every statistic is per element (AdamW's moments, Lion's momentum): a slice is
+  updated exactly as its elements would be in the whole. Any stage.
+- "block": per-element moments stored 8-bit in blocks of 256 values, each with its own scale,
+  float32 for tensors under 4,096 values (bitsandbytes' `min_8bit_size`): a slice is quantized
+  in other blocks than the whole tensors, so the result is not bit-equal to one process (the
+  weights differ by about a tenth of an update after a few steps), but every rank updates the
+  same flat buffer and ends with the same LoRA. Any stage.
 - "tensor": statistics per tensor (Adafactor's and CAME's factored second moments, their
   update clipping by the tensor's RMS): a slice that cuts across tensors changes them. Stage 0.
 - "global": statistics summed over all parameters (Prodigy's step-size estimate d): a slice
@@ -27,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Statistics = Literal["element", "tensor", "global"]
+Statistics = Literal["element", "block", "tensor", "global"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class OptimizerSpec:
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("torch.optim:AdamW", "torch", "element"),
-    "adamw8bit": OptimizerSpec("bitsandbytes.optim:AdamW8bit", "bitsandbytes", "element"),
+    "adamw8bit": OptimizerSpec("bitsandbytes.optim:AdamW8bit", "bitsandbytes", "block"),
     "lion": OptimizerSpec("lion_pytorch:Lion", "lion-pytorch", "element"),
     "prodigy": OptimizerSpec("prodigyopt:Prodigy", "prodigyopt", "global"),
     # A fixed lr that the schedule drives (transformers' own defaults pick a relative step).
@@ -77,14 +81,14 @@ _SET_ELSEWHERE = {"params": "the LoRA parameters", "lr": "train.lr", "weight_dec
 
 
 def stages_for(name: str) -> tuple[int, ...]:
-    """The ZeRO stages optimizer `name` gives the same result under as in one process."""
-    return (0, 1, 2, 3) if OPTIMIZERS[name].statistics == "element" else (0,)
+    """The ZeRO stages optimizer `name` runs under (the same LoRA on every rank)."""
+    return (0, 1, 2, 3) if OPTIMIZERS[name].statistics in ("element", "block") else (0,)
 
 
 def why_not_stage(name: str, stage: int) -> str | None:
     """Why optimizer `name` cannot run under ZeRO `stage`, or None when it can."""
     statistics = OPTIMIZERS[name].statistics
-    if stage == 0 or statistics == "element":
+    if stage in stages_for(name):
         return None
     what = ("sums over all parameters (its step-size estimate)" if statistics == "global"
             else "are per tensor (factored second moments, RMS clipping)")
@@ -105,23 +109,45 @@ def optimizer_kwargs(name: str, lr: float, weight_decay: float, betas: tuple[flo
     """
     spec = OPTIMIZERS[name]
     accepted = inspect.signature(spec.load()).parameters
+    pair = accepted.get("betas") is not None and _is_pair(accepted["betas"].default)
     for key in args:
-        if key in _SET_ELSEWHERE:
+        if key in _SET_ELSEWHERE and not (key == "betas" and not pair):
             raise ValueError(f"train.optimizer_args.{key}: set {_SET_ELSEWHERE[key]} instead")
         if key not in accepted:
             known = sorted(k for k in accepted if k not in ("self", *_SET_ELSEWHERE))
             raise ValueError(f"train.optimizer_args.{key}: {name} takes no such argument; it takes {known}")
     kwargs: dict[str, Any] = {**spec.defaults, "lr": lr, "weight_decay": weight_decay}
     if betas is not None:
-        default = accepted.get("betas")
-        if default is None or not isinstance(default.default, tuple) or len(default.default) != 2:
-            raise ValueError(f"train.betas: {name} takes no pair of betas; give its own in train.optimizer_args")
+        if not pair:
+            raise ValueError(f"train.betas: {name} takes no pair of betas; give its own in "
+                             "train.optimizer_args.betas")
         kwargs["betas"] = tuple(betas)
     kwargs.update(args)
     if name == "adafactor" and kwargs.get("relative_step"):
         raise ValueError("train.optimizer_args.relative_step: Adafactor would then choose its own lr, which "
                          "train.lr and train.lr_scheduler could not drive; leave it false")
     return kwargs
+
+
+def _is_pair(default: Any) -> bool:
+    return isinstance(default, tuple) and len(default) == 2
+
+
+def check_optimizer(name: str, kwargs: dict[str, Any]) -> None:
+    """Build optimizer `name` with `kwargs` over one small tensor and take a step, so that a value
+    of the wrong type or range fails when the recipe loads, not inside the workers.
+
+    Raises:
+        ValueError: what the optimizer's constructor or first step raised, naming `train.optimizer_args`.
+    """
+    import torch
+
+    param = torch.nn.Parameter(torch.full((2, 2), 0.5))
+    param.grad = torch.full((2, 2), 0.1)
+    try:
+        build_optimizer([param], name, kwargs).step()
+    except Exception as err:  # the optimizer's own check, whatever it raises
+        raise ValueError(f"train.optimizer_args: {name} refuses {kwargs}: {type(err).__name__}: {err}") from None
 
 
 def build_optimizer(params: Iterable[Any], name: str, kwargs: dict[str, Any]):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from difftrain_dist.data_shards.index import sha256_file
+from difftrain_dist.data_shards.files import sha256_file
 from difftrain_dist.distrib.checkpoint import CheckpointInfo, deepspeed_tag
 from difftrain_dist.distrib.state import TrainState
 

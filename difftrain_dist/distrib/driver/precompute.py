@@ -22,7 +22,8 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from difftrain_dist.data_shards.index import Precomputed, ShardIndex, SidecarInfo, sha256_file
+from difftrain_dist.data_shards.files import sha256_file
+from difftrain_dist.data_shards.index import Precomputed, ShardIndex, SidecarInfo
 from difftrain_dist.data_shards.precomputed import sidecar_name, write_sidecar
 from difftrain_dist.data_shards.reader import read_shard_images, to_pixel_values
 from difftrain_dist.models import get_adapter
