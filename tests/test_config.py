@@ -240,3 +240,11 @@ def test_cli_train_refuses_an_impossible_storage_path_before_starting(tmp_path, 
     text = " ".join(result.output.split())
     assert "run.storage_path: " in text and "afile is a file, not a folder" in text
     assert "Traceback" not in result.output and "worker(s), ZeRO" not in text  # run() never began
+
+
+def test_a_model_of_another_family_is_refused_when_the_recipe_loads(tmp_path, tiny_sd15_model, photo_shards):
+    path = write_recipe(tmp_path, tiny_sd15_model, photo_shards)
+    assert load_recipe(path).model.arch == "sd15"
+    with pytest.raises(RecipeError, match=r"model: arch: sdxl, but the model at .* is a StableDiffusionPipeline "
+                                          r"\(sd15\); set model.arch: sd15"):
+        load_recipe(path, ["model.arch=sdxl"])

@@ -55,7 +55,7 @@ def test_ema_resumes_exactly_and_is_what_the_half_precision_lora_file_holds(tmp_
 
     # The LoRA file is the average, in float16, and says so; export can give it in float32.
     tensors, header = read_lora_file(straight / checkpoint_name(4) / "lora.safetensors")
-    assert header["difftrain.lora_dtype"] == "float16"
+    assert header["difftrain.lora_dtype"] == "float16" and header["difftrain.ema_decay"] == "0.5"
     assert {t.dtype for key, t in tensors.items() if not key.endswith(".alpha")} == {torch.float16}
     full = read_lora_file(export_checkpoint(straight / checkpoint_name(4), tmp_path / "f32.safetensors",
                                             dtype="float32"))[0]

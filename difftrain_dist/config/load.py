@@ -40,7 +40,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key")
         elif e["type"] == "missing":
@@ -50,7 +50,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             message = e["msg"].removeprefix("Value error, ")
             quoted = isinstance(found, (str, Path)) and str(found) and str(found) in message
             shown = "" if isinstance(found, dict) or quoted else f" (found {found!r})"
-            lines.append(f"  {where}: {message}{shown}")
+            lines.append(f"  {where}: {message}{shown}" if where else f"  {message}{shown}")
     return "\n".join(lines)
 
 

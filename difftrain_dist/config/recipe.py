@@ -29,7 +29,7 @@ from difftrain_dist.distrib.optimizers import (
     stages_for,
     why_not_stage,
 )
-from difftrain_dist.models.families import FAMILY_NAMES, names_where
+from difftrain_dist.models.families import FAMILIES, FAMILY_NAMES, names_where
 
 from .common import Section, checks_paths
 from .data import DataSection, read_index
@@ -107,6 +107,21 @@ class ModelSection(Section):
                              f"{self.arch} needs its encoders")
         return self
 
+    @model_validator(mode="after")
+    def _arch_of_the_model(self, info: ValidationInfo) -> ModelSection:
+        index = Path(self.path).expanduser() / "model_index.json"
+        if not checks_paths(info) or not index.is_file():
+            return self
+        try:
+            pipeline = json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            return self  # loading the model says what is wrong with the file
+        found = next((f.name for f in FAMILIES.values() if f.pipeline_class_name == pipeline), None)
+        if found is not None and found != self.arch:
+            raise ValueError(f"arch: {self.arch}, but the model at {self.path} is a {pipeline} ({found}); "
+                             f"set model.arch: {found}")
+        return self
+
     @field_validator("path")
     @classmethod
     def _path_exists_or_hub_id(cls, value: str, info: ValidationInfo) -> str:
@@ -158,7 +173,7 @@ class TrainSection(Section):
     @classmethod
     def _betas_in_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         if value is not None and not all(0.0 <= b < 1.0 for b in value):
-            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+            raise ValueError("each beta must be in [0, 1)")
         return value
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant_with_warmup"
     """Learning-rate schedule (diffusers' `get_scheduler`): constant, constant_with_warmup,

@@ -28,9 +28,11 @@ FORMATS = ("diffusers", "kohya")
 def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step: int) -> dict[str, str]:
     """Training metadata (`ss_*`, `modelspec.*`) for the header of a LoRA file (`lora_config`:
     the denoiser's). A recipe's `model.prediction_type` is recorded as ModelSpec's
-    `modelspec.prediction_type` ("epsilon" or "v")."""
+    `modelspec.prediction_type` ("epsilon" or "v"), its `train.ema_decay` as
+    `difftrain.ema_decay` (the file then holds the moving average)."""
     prediction_type = recipe["model"].get("prediction_type")
-    return training_metadata(
+    ema_decay = recipe["train"].get("ema_decay")
+    return {**training_metadata(
         prediction_type=MODELSPEC_PREDICTION_TYPES[prediction_type] if prediction_type else None,
         arch=recipe["model"]["arch"],
         base_model=recipe["model"]["path"],
@@ -40,7 +42,7 @@ def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step
         resolution=recipe["data"]["resolution"],
         seed=recipe["run"]["seed"],
         title=recipe["run"]["name"],
-    )
+    ), **({} if ema_decay is None else {"difftrain.ema_decay": repr(float(ema_decay))})}
 
 
 def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write: bool) -> None:

@@ -90,9 +90,9 @@ def why_not_stage(name: str, stage: int) -> str | None:
     statistics = OPTIMIZERS[name].statistics
     if stage in stages_for(name):
         return None
-    what = ("sums over all parameters (its step-size estimate)" if statistics == "global"
-            else "are per tensor (factored second moments, RMS clipping)")
-    return (f"{name}'s statistics {what}, and ZeRO-{stage} gives each rank a flat slice that cuts across "
+    what = (f"{name}'s step-size estimate sums over all parameters" if statistics == "global"
+            else f"{name}'s statistics are per tensor (factored second moments, RMS clipping)")
+    return (f"{what}, and ZeRO-{stage} gives each rank a flat slice that cuts across "
             "tensors, so ranks would compute different ones; use distributed.zero_stage: 0 (the default for "
             f"{name})")
 

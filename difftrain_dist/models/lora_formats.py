@@ -76,6 +76,8 @@ class LoraHeader(BaseModel):
     """The lora_alpha the run trained with, before the diffusers writer folded it into lora_B."""
     difftrain_lora_dtype: str | None = None
     """The dtype the tensors were written in ("float32", "float16", "bfloat16")."""
+    difftrain_ema_decay: str | None = None
+    """Set when the file holds the moving average of the trained weights, with its decay."""
 
     def metadata(self) -> dict[str, str]:
         """The header as safetensors stores it: key → string, unset fields left out."""
