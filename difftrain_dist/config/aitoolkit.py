@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from difftrain_dist.models.families import FAMILIES, FAMILY_NAMES, names_where
+
 from .aitoolkit_keys import (
-    ARCHS,
     DTYPES,
-    FLOW_ARCHS,
     OPTIMIZERS,
     SECTIONS,
     TIMESTEP_TYPES,
@@ -201,14 +201,15 @@ def _model(conv: Conversion, model: dict[str, Any], path: str, device: str) -> s
                         "or a diffusers folder (diffusers' `from_single_file(...).save_pretrained` makes one)")
         conv.set("model.path", name, _join(path, "name_or_path"))
     arch = str(model.get("arch") or "").split(":")[0]
-    if not arch:
-        flags = [("is_v2", "sd2"), ("is_v3", "sd3"), ("is_xl", "sdxl"), ("is_flux", "flux"), ("is_lumina2", "lumina2"),
-                 ("is_pixart", "pixart"), ("is_auraflow", "auraflow")]
-        arch = next((name for flag, name in flags if model.get(flag)), "sd1")
-    native = ARCHS.get(arch)
+    if arch:
+        native = next((f.name for f in FAMILIES.values() if arch in f.aitoolkit_archs), None)
+    else:  # the legacy flags; none set is SD 1.x, as in ai-toolkit
+        native = next((f.name for f in FAMILIES.values() if f.aitoolkit_flag and model.get(f.aitoolkit_flag)),
+                      next(f.name for f in FAMILIES.values() if f.aitoolkit_flag is None))
     if native is None:
-        conv.refuse(_join(path, "arch"), f"{arch!r} is not a family trained here; families: sd1/sd15, sdxl, sd3, flux")
-        return "sd15"
+        known = sorted(a for f in FAMILIES.values() for a in f.aitoolkit_archs)
+        conv.refuse(_join(path, "arch"), f"{arch!r} is not a family trained here; ai-toolkit names of those: {known}")
+        return FAMILY_NAMES[0]
     conv.set("model.arch", native, _join(path, "arch") if model.get("arch") else f"{path}.is_*")
     if model.get("is_v_pred"):
         conv.set("model.prediction_type", "v_prediction", _join(path, "is_v_pred"))
@@ -225,7 +226,7 @@ def _network(conv: Conversion, network: dict[str, Any], path: str, arch: str) ->
     conv.set("lora.rank", rank, _join(path, rank_key))
     alpha_key = "linear_alpha" if "linear_alpha" in network else "alpha"
     alpha = _number(conv, network.get(alpha_key, 1.0), _join(path, alpha_key))
-    if arch in FLOW_ARCHS:  # ai-toolkit saves these in peft format with alpha reset to the rank
+    if arch in names_where(objective="flow_matching"):  # ai-toolkit saves them in peft format, alpha = rank
         if alpha is not None and alpha != rank and alpha_key in network:
             conv.note(_join(path, alpha_key), f"ai-toolkit trains {arch} with alpha = rank ({rank}); so does this run")
         alpha = rank

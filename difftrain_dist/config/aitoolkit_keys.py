@@ -49,6 +49,7 @@ def _refuse(text: str, *ok: Any) -> Key:
 LATER = "not supported yet; remove the key to train without it"
 MODEL_FILES = "extra model files are not loaded here; give one diffusers model in name_or_path"
 NO_MEANING = "means nothing here"
+OTHER = "is not a family trained here (families: models/families.py)"
 
 PROCESS = {
     "type": CUSTOM, "name": _note("the run is named after config.name"), "training_folder": CUSTOM,
@@ -147,10 +148,11 @@ TRAIN = {
 }
 
 MODEL = {
-    "name_or_path": CUSTOM, "arch": CUSTOM, "is_flux": CUSTOM, "is_xl": CUSTOM, "is_v2": CUSTOM, "is_v3": CUSTOM,
-    "is_v_pred": CUSTOM, "is_pixart": CUSTOM, "is_pixart_sigma": CUSTOM, "is_auraflow": CUSTOM,
-    "is_lumina2": CUSTOM, "is_ssd": _refuse("SSD-1B is not trained here"),
-    "is_vega": _refuse("Vega is not trained here"),
+    "name_or_path": CUSTOM, "arch": CUSTOM, "is_flux": CUSTOM, "is_xl": CUSTOM, "is_v3": CUSTOM,
+    "is_v_pred": CUSTOM, "is_v2": _refuse("SD 2.x is not trained here"), "is_pixart": _refuse("PixArt " + OTHER),
+    "is_pixart_sigma": _refuse("PixArt " + OTHER), "is_auraflow": _refuse("AuraFlow " + OTHER),
+    "is_lumina2": _refuse("Lumina 2 " + OTHER), "is_ssd": _refuse("SSD-1B " + OTHER),
+    "is_vega": _refuse("Vega " + OTHER),
     "dtype": _note("train.dtype decides, as in ai-toolkit"),
     "quantize": _refuse("quantized base models are not supported yet; set quantize: false (training then "
                         "needs the memory of the unquantized model)"),
@@ -197,10 +199,6 @@ SECTIONS: dict[str, dict[str, Key]] = {
 }
 
 TRAINER_TYPES = ("sd_trainer", "diffusion_trainer", "ui_trainer")
-ARCHS = {"sd1": "sd15", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flex1": "flux"}
-"""ai-toolkit's `model.arch` (after its `:variant` is cut) → the family trained here."""
-FLOW_ARCHS = ("sd3", "flux")
-"""Families ai-toolkit trains with alpha = rank (`peft_format`, toolkit/lora_special.py)."""
 DTYPES = {"float": "float32", "fp32": "float32", "single": "float32", "float32": "float32", "fp16": "float16",
           "half": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 """ai-toolkit's dtype names (toolkit/train_tools.py `get_torch_dtype`) → ours."""

@@ -31,7 +31,7 @@ def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step
     `modelspec.prediction_type` ("epsilon" or "v"), its `train.ema_decay` as
     `difftrain.ema_decay` (the file then holds the moving average)."""
     prediction_type = recipe["model"].get("prediction_type")
-    ema_decay = recipe["train"].get("ema_decay")
+    ema_decay = recipe.get("train", {}).get("ema_decay")
     return {**training_metadata(
         prediction_type=MODELSPEC_PREDICTION_TYPES[prediction_type] if prediction_type else None,
         arch=recipe["model"]["arch"],

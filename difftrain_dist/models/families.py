@@ -45,6 +45,10 @@ class Family:
     "flux-schnell" FLUX.1-schnell)."""
     adapter_path: str
     """"module:Class" of the adapter."""
+    aitoolkit_archs: tuple[str, ...] = ()
+    """ai-toolkit's `model.arch` names of the family (toolkit/config_modules.py ModelConfig)."""
+    aitoolkit_flag: str | None = None
+    """ai-toolkit's legacy `model.is_*` flag that selects it (None: the family with no flag set)."""
 
     def adapter(self) -> type[DiffusionAdapter]:
         """The adapter class (imports torch and diffusers)."""
@@ -67,23 +71,26 @@ FAMILIES: dict[str, Family] = {
                text_encoder_lora=True, optional_t5=False, lora_file_format="kohya",
                kohya_base_version="sd_v1", modelspec_architecture="stable-diffusion-v1",
                tiny_variants={"sd15": f"{_TINY}.sd15:build_sd15"},
-               adapter_path="difftrain_dist.models.sd15:SD15Adapter"),
+               adapter_path="difftrain_dist.models.sd15:SD15Adapter", aitoolkit_archs=("sd1", "sd15")),
         Family("sdxl", "StableDiffusionXLPipeline", "ddpm",
                text_encoder_lora=True, optional_t5=False, lora_file_format="kohya",
                kohya_base_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
                tiny_variants={"sdxl": f"{_TINY}.sdxl:build_sdxl"},
-               adapter_path="difftrain_dist.models.sdxl:SDXLAdapter"),
+               adapter_path="difftrain_dist.models.sdxl:SDXLAdapter", aitoolkit_archs=("sdxl",),
+               aitoolkit_flag="is_xl"),
         Family("sd3", "StableDiffusion3Pipeline", "flow_matching",
                text_encoder_lora=False, optional_t5=True, lora_file_format="diffusers",
                kohya_base_version="sd3", modelspec_architecture="stable-diffusion-3",
                tiny_variants={"sd3": f"{_TINY}.sd3:build_sd3"},
-               adapter_path="difftrain_dist.models.sd3:SD3Adapter"),
+               adapter_path="difftrain_dist.models.sd3:SD3Adapter", aitoolkit_archs=("sd3",),
+               aitoolkit_flag="is_v3"),
         Family("flux", "FluxPipeline", "flow_matching",
                text_encoder_lora=False, optional_t5=False, lora_file_format="diffusers",
                kohya_base_version="flux1", modelspec_architecture="flux-1-dev",
                tiny_variants={"flux": f"{_TINY}.flux:build_flux_dev",
                               "flux-schnell": f"{_TINY}.flux:build_flux_schnell"},
-               adapter_path="difftrain_dist.models.flux:FluxAdapter"),
+               adapter_path="difftrain_dist.models.flux:FluxAdapter", aitoolkit_archs=("flux", "flex1"),
+               aitoolkit_flag="is_flux"),
     )
 }
 """Family name → record, in the order the CLI lists them."""
