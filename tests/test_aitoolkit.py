@@ -189,26 +189,38 @@ def family_job(arch: str, model: Path, folder: Path, out: Path) -> dict:
     }]}, "meta": {"name": "[name]", "version": "1.0"}}
 
 
-def _train_job(job: Path, overrides: list[str], cwd: Path) -> None:
-    os.chdir(cwd)
-    recipe = load_recipe(job, overrides)
-    build_datasets(recipe)
-    assert train_worker(recipe, LocalSession()).state.step == recipe.train.max_steps
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
-def test_each_familys_job_trains_and_diffusers_loads_its_lora(arch, tmp_path, tiny_model, photos):
-    model = tiny_model(arch)
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(family_job(arch, model, photos, tmp_path / "output")))
-    run_ranks(_train_job, 1, job, ON_THIS_MACHINE, tmp_path)
-    lora_file = tmp_path / "output" / f"aitk_{arch}" / "checkpoint_000000002" / "lora.safetensors"
+def _train_jobs(jobs: dict[str, Path], overrides: list[str]) -> None:
+    """Each job as `difftrain-dist train` reads it, trained by this one rank (one start-up for all)."""
+    for job in jobs.values():
+        os.chdir(job.parent)
+        recipe = load_recipe(job, overrides)
+        build_datasets(recipe)
+        assert train_worker(recipe, LocalSession()).state.step == recipe.train.max_steps
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, tiny_model, photos) -> dict[str, Path]:
+    jobs = {}
+    for arch in FAMILIES:
+        folder = tmp_path_factory.mktemp(f"aitk-{arch}")
+        jobs[arch] = folder / "job.yaml"
+        jobs[arch].write_text(yaml.safe_dump(family_job(arch, tiny_model(arch), photos, folder / "output")))
+    run_ranks(_train_jobs, 1, jobs, ON_THIS_MACHINE)
+    return {arch: job.parent for arch, job in jobs.items()}
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_each_familys_job_trains_and_diffusers_loads_its_lora(arch, family_runs, tiny_model):
+    lora_file = family_runs[arch] / "output" / f"aitk_{arch}" / "checkpoint_000000002" / "lora.safetensors"
     tensors, header = read_lora_file(lora_file)
     want = {"sdxl": torch.bfloat16}.get(arch, torch.float16)
     assert {t.dtype for key, t in tensors.items() if not key.endswith(".alpha")} == {want}
     assert header["ss_network_dim"] == "4"
     adapter = get_adapter(arch)
-    pipe = adapter.pipeline_class.from_pretrained(str(model))
+    pipe = adapter.pipeline_class.from_pretrained(str(tiny_model(arch)))
     pipe.load_lora_weights(str(lora_file))
     assert getattr(pipe.components[adapter.lora_prefix], "peft_config", None)
 
