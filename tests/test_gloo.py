@@ -16,6 +16,7 @@ from difftrain_dist.distrib import checkpoint as checkpoint_files
 from difftrain_dist.distrib.checkpoint import checkpoint_name, list_checkpoints
 from difftrain_dist.distrib.checkpointer import Checkpointer
 from difftrain_dist.distrib.loop import train_worker
+from difftrain_dist.distrib.metrics import METRICS_FILE, MetricsFile, read_metrics
 from difftrain_dist.distrib.session import LocalSession
 from difftrain_dist.distrib.step import reduce_step_stats
 from difftrain_dist.models import read_lora_file
@@ -89,6 +90,27 @@ def test_stop_and_resume_at_world_size_1_is_exact(world_1_runs):
     want, got = lora_of(straight, 4), lora_of(split, 4)
     assert want.keys() == got.keys() and want
     assert max(float((want[k] - got[k]).abs().max()) for k in want) == 0.0
+    # metrics.jsonl goes on across the stop: every step once, in order, the same losses
+    straight_metrics, split_metrics = read_metrics(straight), read_metrics(split)
+    assert [m["step"] for m in split_metrics] == [m["step"] for m in straight_metrics] == [1, 2, 3, 4]
+    assert [m["loss"] for m in split_metrics] == [m["loss"] for m in straight_metrics]
+    assert all(m["world_size"] == 1 and m["lr"] > 0 and m["step_time_s"] > 0 for m in split_metrics)
+
+
+def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    first = MetricsFile(run_dir, start_step=0)
+    for step in range(1, 6):
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    with open(run_dir / METRICS_FILE, "a") as torn:
+        torn.write('{"step": 6, "lo')  # a crash in the middle of a line
+    again = MetricsFile(run_dir, start_step=3)  # resumed from the checkpoint of step 3
+    again.write({"step": 4, "loss": 40.0})
+    again.close()
+    assert [(m["step"], m["loss"]) for m in read_metrics(run_dir)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    MetricsFile(run_dir, start_step=0).close()  # started over: nothing kept
+    assert read_metrics(run_dir) == []
 
 
 def test_the_resume_plan_sets_aside_a_corrupt_newest_checkpoint_and_hashes_each_once(

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from difftrain_dist.distrib.checkpoint import checkpoint_name, inspect_checkpoint, list_checkpoints
+from difftrain_dist.distrib.metrics import read_metrics
 from difftrain_dist.models import read_lora_file
 
 from .procs import assert_no_processes_left, cli, marked_env, torchrun, wait_for_checkpoint
@@ -89,6 +90,7 @@ def test_sigterm_to_driver_stops_with_checkpoint_then_resume_is_exact(reference,
     resumed = run(cli("resume", str(tmp_path / "rs"), "--no-progress"), tmp_path)
     assert f"resumed from {stopped.path.name}" in resumed.stderr
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
+    assert [m["step"] for m in read_metrics(tmp_path / "rs")] == list(range(1, MAX_STEPS + 1))
 
 
 def test_killed_worker_group_restarts_from_a_checkpoint_the_driver_names_and_resume_is_exact(
@@ -115,6 +117,10 @@ def test_killed_worker_group_restarts_from_a_checkpoint_the_driver_names_and_res
     assert any(re.fullmatch(rf"skipping {newest.path.name}: .*optim_states\.pt is corrupt .*\(kept as "
                             rf"{newest.path.name}\.invalid-\d+\)", line) for line in lines), err[-6000:]
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
+    # the steps trained again after the restart are in metrics.jsonl once, with the reference's losses
+    metrics = read_metrics(tmp_path / "rs")
+    assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in read_metrics(reference / "rs")]
 
 
 def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference, tmp_path):

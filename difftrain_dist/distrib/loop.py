@@ -75,10 +75,13 @@ def train_worker(recipe: Recipe, session: WorkerSession) -> WorkerResult:
             state.step += 1
             loss, stop = reduce_step_stats(loss, session.stop_requested(), trainee.device)
             check_finite_loss(loss, state.step)
-            metrics.after_step(state.step, loss, trainee.engine.get_lr()[0])
+            metrics.after_step(state.step, loss, trainee.engine.get_lr()[0], trainee.engine.get_global_grad_norm())
+            if checkpointer.should_save(state.step, stop=stop):
+                metrics.sync()
             checkpointer.after_step(trainee, state, loss, stop=stop)
             if not stop:
                 sampler.after_step(trainee, state.step)
+    metrics.close()
     return WorkerResult(state, stopped_early=stop and state.step < train.max_steps, checkpoint=checkpointer.last)
 
 

@@ -1,8 +1,13 @@
-"""Step metrics: when rank 0 reports them, and what (loss, samples/s, ETA, lr)."""
+"""Step metrics: when rank 0 reports them, and what (loss, samples/s, ETA, lr); the run's
+`metrics.jsonl`, one line per optimizer step."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import time
+from pathlib import Path
 
 from difftrain_dist.config import Recipe
 
@@ -30,21 +35,104 @@ class Throughput:
         return rate, eta
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFile:
+    """`run_dir/metrics.jsonl`: one JSON object per optimizer step, in step order::
+
+        {"step": 12, "loss": 0.118, "lr": 0.0001, "samples_per_s": 31.2, "grad_norm": 0.42,
+         "step_time_s": 0.064, "wall_time": 1764450000.0, "world_size": 2}
+
+    (`grad_norm`: the norm before clipping, null where DeepSpeed does not compute it;
+    `step_time_s`: wall time since the previous step's line, a save or sample grid included;
+    `samples_per_s`: the step's samples over all ranks / step_time_s; `wall_time`: Unix time, s.)
+    Each line is flushed as it is written; the file is fsynced before each checkpoint is saved. A
+    run that continues from step N keeps the lines of steps 1..N and drops the rest (steps trained
+    after the checkpoint it resumes from, and a line cut by a crash), so the file holds every step
+    once, however often the run stopped.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = _lines_up_to(self.path, start_step)
+        tmp = self.path.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
+
+    def write(self, entry: dict) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def sync(self) -> None:
+        """Make the lines written so far durable (before a checkpoint that covers them)."""
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The whole lines of `path` with steps 1..`step`, in order (a torn last line is dropped)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            entry = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] == len(kept) + 1 <= step:
+            kept.append(line)
+    return kept
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The entries of `run_dir/metrics.jsonl` (see MetricsFile), [] when there is none."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 class MetricsReporter:
-    """Rank 0 sends `{"step", "max_steps", "loss", "samples_per_s", "eta_s", "lr"}` to the session
-    every `train.log_every_n_steps` optimizer steps and at the last one; other ranks send nothing."""
+    """Rank 0 writes every step to `metrics.jsonl` (MetricsFile) and sends `{"step", "max_steps",
+    "loss", "samples_per_s", "eta_s", "lr"}` to the session every `train.log_every_n_steps`
+    optimizer steps and at the last one; other ranks do neither."""
 
     def __init__(self, recipe: Recipe, session, global_rank: int, world_size: int, start_step: int):
         train = recipe.train
-        self.session, self.enabled = session, global_rank == 0
+        self.session, self.enabled, self.world_size = session, global_rank == 0, world_size
         self.every, self.max_steps = train.log_every_n_steps, train.max_steps
-        samples_per_step = recipe.data.micro_batch_size * train.gradient_accumulation_steps * world_size
-        self.throughput = Throughput(samples_per_step, start_step)
+        self.samples_per_step = recipe.data.micro_batch_size * train.gradient_accumulation_steps * world_size
+        self.throughput = Throughput(self.samples_per_step, start_step)
+        self.file = MetricsFile(recipe.run_dir, start_step) if self.enabled else None
+        self.last_time = time.perf_counter()
 
-    def after_step(self, step: int, loss: float, lr: float) -> None:
-        """`loss`: the step's mean over ranks; `lr`: the learning rate the step used."""
-        if not self.enabled or (step % self.every and step != self.max_steps):
+    def after_step(self, step: int, loss: float, lr: float, grad_norm: float | None = None) -> None:
+        """`loss`: the step's mean over ranks; `lr`: the learning rate the step used;
+        `grad_norm`: the gradients' global norm before clipping, when known."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        step_time, self.last_time = now - self.last_time, now
+        norm = None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm)
+        self.file.write({"step": step, "loss": loss, "lr": lr,
+                         "samples_per_s": self.samples_per_step / max(step_time, 1e-9), "grad_norm": norm,
+                         "step_time_s": step_time, "wall_time": time.time(), "world_size": self.world_size})
+        if step % self.every and step != self.max_steps:
             return
         rate, eta = self.throughput.measure(step, self.max_steps)
         self.session.log({"step": step, "max_steps": self.max_steps, "loss": loss,
                           "samples_per_s": rate, "eta_s": eta, "lr": lr})
+
+    def sync(self) -> None:
+        """Before a checkpoint: the metrics of the steps it covers are on disk."""
+        if self.file is not None:
+            self.file.sync()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
