@@ -16,7 +16,7 @@ from difftrain_dist.distrib import checkpoint as checkpoint_files
 from difftrain_dist.distrib.checkpoint import checkpoint_name, list_checkpoints
 from difftrain_dist.distrib.checkpointer import Checkpointer
 from difftrain_dist.distrib.loop import train_worker
-from difftrain_dist.distrib.metrics import METRICS_FILE, MetricsFile, read_metrics
+from difftrain_dist.distrib.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsFile, read_metrics
 from difftrain_dist.distrib.session import LocalSession
 from difftrain_dist.distrib.step import reduce_step_stats
 from difftrain_dist.models import read_lora_file
@@ -95,6 +95,34 @@ def test_stop_and_resume_at_world_size_1_is_exact(world_1_runs):
     assert [m["step"] for m in split_metrics] == [m["step"] for m in straight_metrics] == [1, 2, 3, 4]
     assert [m["loss"] for m in split_metrics] == [m["loss"] for m in straight_metrics]
     assert all(m["world_size"] == 1 and m["lr"] > 0 and m["step_time_s"] > 0 for m in split_metrics)
+    # and TensorBoard shows the same series once: the resumed session purges from its first step on
+    series = tensorboard_series(split, "train/loss")
+    assert [step for step, _ in series] == [1, 2, 3, 4]
+    assert [value for _, value in series] == pytest.approx([m["loss"] for m in split_metrics], rel=1e-6)  # float32
+
+
+def tensorboard_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """What TensorBoard plots for `tag`: the run's event files in the order they were closed, each
+    session's SessionLog START at step s dropping the events logged before it at steps >= s.
+    Records are read as TFRecords (length, CRC, Event proto, CRC) with tensorboardX's own proto."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    points: dict[int, float] = {}
+    for path in sorted((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                points = {step: value for step, value in points.items() if step < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    points[event.step] = value.simple_value
+    return sorted(points.items())
 
 
 def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):

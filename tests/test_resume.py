@@ -22,6 +22,7 @@ from difftrain_dist.distrib.metrics import read_metrics
 from difftrain_dist.models import read_lora_file
 
 from .procs import assert_no_processes_left, cli, marked_env, torchrun, wait_for_checkpoint
+from .test_gloo import tensorboard_series
 
 pytestmark = pytest.mark.slow
 EXACT = 1e-6
@@ -121,6 +122,7 @@ def test_killed_worker_group_restarts_from_a_checkpoint_the_driver_names_and_res
     metrics = read_metrics(tmp_path / "rs")
     assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
     assert [m["loss"] for m in metrics] == [m["loss"] for m in read_metrics(reference / "rs")]
+    assert [step for step, _ in tensorboard_series(tmp_path / "rs", "train/loss")] == list(range(1, MAX_STEPS + 1))
 
 
 def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference, tmp_path):

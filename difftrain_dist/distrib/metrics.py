@@ -97,10 +97,38 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+TENSORBOARD_DIR = "tensorboard"
+SCALARS = ("loss", "lr", "samples_per_s", "grad_norm", "step_time_s")
+"""metrics.jsonl fields that also go to TensorBoard, as `train/<field>`."""
+
+
+class TensorBoardLog:
+    """TensorBoard event files in `run_dir/tensorboard/` (tensorboardX's SummaryWriter), written
+    with `purge_step` = the first step of this session: TensorBoard then hides what an earlier
+    session logged from that step on, so a resumed run shows each step once, as metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(logdir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1,
+                                    flush_secs=30)
+
+    def write(self, entry: dict) -> None:
+        for name in SCALARS:
+            if entry.get(name) is not None:
+                self.writer.add_scalar(f"train/{name}", entry[name], entry["step"], walltime=entry["wall_time"])
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class MetricsReporter:
-    """Rank 0 writes every step to `metrics.jsonl` (MetricsFile) and sends `{"step", "max_steps",
-    "loss", "samples_per_s", "eta_s", "lr"}` to the session every `train.log_every_n_steps`
-    optimizer steps and at the last one; other ranks do neither."""
+    """Rank 0 writes every step to `metrics.jsonl` (MetricsFile) and TensorBoard (TensorBoardLog),
+    and sends `{"step", "max_steps", "loss", "samples_per_s", "eta_s", "lr"}` to the session every
+    `train.log_every_n_steps` optimizer steps and at the last one; other ranks do neither."""
 
     def __init__(self, recipe: Recipe, session, global_rank: int, world_size: int, start_step: int):
         train = recipe.train
@@ -109,6 +137,7 @@ class MetricsReporter:
         self.samples_per_step = recipe.data.micro_batch_size * train.gradient_accumulation_steps * world_size
         self.throughput = Throughput(self.samples_per_step, start_step)
         self.file = MetricsFile(recipe.run_dir, start_step) if self.enabled else None
+        self.tensorboard = TensorBoardLog(recipe.run_dir, start_step) if self.enabled else None
         self.last_time = time.perf_counter()
 
     def after_step(self, step: int, loss: float, lr: float, grad_norm: float | None = None) -> None:
@@ -119,9 +148,10 @@ class MetricsReporter:
         now = time.perf_counter()
         step_time, self.last_time = now - self.last_time, now
         norm = None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm)
-        self.file.write({"step": step, "loss": loss, "lr": lr,
-                         "samples_per_s": self.samples_per_step / max(step_time, 1e-9), "grad_norm": norm,
-                         "step_time_s": step_time, "wall_time": time.time(), "world_size": self.world_size})
+        entry = {"step": step, "loss": loss, "lr": lr, "samples_per_s": self.samples_per_step / max(step_time, 1e-9),
+                 "grad_norm": norm, "step_time_s": step_time, "wall_time": time.time(), "world_size": self.world_size}
+        self.file.write(entry)
+        self.tensorboard.write(entry)
         if step % self.every and step != self.max_steps:
             return
         rate, eta = self.throughput.measure(step, self.max_steps)
@@ -132,7 +162,9 @@ class MetricsReporter:
         """Before a checkpoint: the metrics of the steps it covers are on disk."""
         if self.file is not None:
             self.file.sync()
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.tensorboard.close()
