@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from difftrain_dist.data_shards.examples import write_example_folder
 from difftrain_dist.models import init_tiny
 
 pytest_plugins = ["tests.shard_sources"]
+
+# DeepSpeed compiles its CPU shared-memory op on first use; torch's build lock waits forever on a
+# lock file that a killed build left behind, so the suite builds into the checkout's own folder.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build" / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")
