@@ -5,6 +5,8 @@ the same end to end."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,10 @@ from .gloo import process_group, run_ranks
 EVERY = 2
 
 
-def make_recipe(model: Path, shards: Path, storage: Path, max_steps: int, num_workers: int = 1,
+def make_recipe(model: Path, shards: Path, storage: Path, max_steps: int, num_workers: int = 1, wandb: bool = False,
                 **checkpoint) -> Recipe:
     return recipe_from_dict({
+        "logging": {"wandb": wandb, "wandb_project": "tests"},
         "run": {"name": "g", "seed": 11, "output_dir": str(storage / "out"), "storage_path": str(storage)},
         "model": {"arch": "sd15", "path": str(model)},
         "lora": {"rank": 4, "alpha": 8},
@@ -73,11 +76,19 @@ def world_1():
 
 @pytest.fixture(scope="module")
 def world_1_runs(world_1, tmp_path_factory, tiny_sd15_model, photo_shards):
-    """At world size 1: run "straight" trains 4 steps; run "split" trains 2, then is run again to 4."""
+    """At world size 1: run "straight" trains 4 steps; run "split" trains 2, then is run again to 4,
+    logging to W&B in offline mode as well."""
     straight, split = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("split")
     done = train_worker(make_recipe(tiny_sd15_model, photo_shards, straight, 4), LocalSession())
-    first = train_worker(make_recipe(tiny_sd15_model, photo_shards, split, 2), LocalSession())
-    second = train_worker(make_recipe(tiny_sd15_model, photo_shards, split, 4), LocalSession())
+    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_API_KEY")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    os.environ.pop("WANDB_API_KEY", None)
+    try:
+        first = train_worker(make_recipe(tiny_sd15_model, photo_shards, split, 2, wandb=True), LocalSession())
+        second = train_worker(make_recipe(tiny_sd15_model, photo_shards, split, 4, wandb=True), LocalSession())
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
     return {"straight": (straight / "g", done), "split": (split / "g", first, second)}
 
 
@@ -99,6 +110,45 @@ def test_stop_and_resume_at_world_size_1_is_exact(world_1_runs):
     series = tensorboard_series(split, "train/loss")
     assert [step for step, _ in series] == [1, 2, 3, 4]
     assert [value for _, value in series] == pytest.approx([m["loss"] for m in split_metrics], rel=1e-6)  # float32
+    # W&B (offline): one run id across both sessions, each step once with its loss
+    history = wandb_history(split)
+    assert [step for step, _ in history] == [1, 2, 3, 4]
+    assert [values["train/loss"] for _, values in history] == [m["loss"] for m in split_metrics]
+    assert not (straight / "wandb").exists()
+
+
+def wandb_history(run_dir: Path) -> list[tuple[int, dict]]:
+    """The history rows of the run's offline W&B sessions, in session order: each `run-<id>.wandb`
+    is read as W&B's transaction log (a 7-byte header, then LevelDB-log records in 32 KiB blocks:
+    CRC, length, type, data) of `wandb_internal_pb2.Record` protos."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime_ns)
+    assert len({f.name for f in files}) == 1, files  # one W&B run id for every session
+    rows = []
+    for path in files:
+        data, offset, records, partial = path.read_bytes(), 7, [], b""
+        assert data[:4] == b":W&B"
+        while offset + 7 <= len(data):
+            if 32768 - offset % 32768 < 7:
+                offset += 32768 - offset % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+            chunk, offset = data[offset + 7:offset + 7 + length], offset + 7 + length
+            if kind == 0:
+                break
+            partial = chunk if kind in (1, 2) else partial + chunk
+            if kind in (1, 4):
+                records.append(partial)
+        for raw in records:
+            record = wandb_internal_pb2.Record.FromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                          for item in record.history.item}
+                rows.append((record.history.step.num, values))
+    return rows
 
 
 def tensorboard_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from difftrain_dist.distrib.checkpoint import checkpoint_name, inspect_checkpoint, list_checkpoints
+from difftrain_dist.distrib.driver.record import lock_holder, read_driver_record
 from difftrain_dist.distrib.metrics import read_metrics
 from difftrain_dist.models import read_lora_file
 
@@ -88,7 +89,12 @@ def test_sigterm_to_driver_stops_with_checkpoint_then_resume_is_exact(reference,
     assert not (tmp_path / "out" / "rs.safetensors").exists(), "a stopped run wrote the final LoRA name"
     stopped = [c for c in list_checkpoints(tmp_path / "rs") if c.valid][-1]
     assert EVERY < stopped.step < MAX_STEPS, "the stop did not save the step it reached"
+    record = read_driver_record(tmp_path / "rs")
+    assert (record.outcome, record.step, record.pid) == ("stopped", stopped.step, proc.pid)
+    assert lock_holder(tmp_path / "rs") is None
     resumed = run(cli("resume", str(tmp_path / "rs"), "--no-progress"), tmp_path)
+    assert (read_driver_record(tmp_path / "rs").outcome, read_driver_record(tmp_path / "rs").step) == (
+        "finished", MAX_STEPS)
     assert f"resumed from {stopped.path.name}" in resumed.stderr
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
     assert [m["step"] for m in read_metrics(tmp_path / "rs")] == list(range(1, MAX_STEPS + 1))

@@ -56,7 +56,8 @@ PROCESS = {
     "device": _note("one GPU per worker when it names cuda (distributed.use_gpu), its index is not used"),
     "trigger_word": CUSTOM, "training_seed": CUSTOM,
     "performance_log_every": _note(NO_MEANING + "; the progress line reports step time"),
-    "log_dir": _note("TensorBoard files are not written yet"), "sqlite_db_path": _note("ai-toolkit's UI only"),
+    "log_dir": _note("TensorBoard files are written under the run folder's tensorboard/"),
+    "sqlite_db_path": _note("ai-toolkit's UI only"),
     "network": CUSTOM, "save": CUSTOM, "datasets": CUSTOM, "train": CUSTOM, "model": CUSTOM, "sample": CUSTOM,
     "logging": CUSTOM, "first_sample": _note("no sample is rendered before the first step"),
     "embedding": _refuse("textual inversion is not trained here"), "adapter": _refuse(LATER),
@@ -189,8 +190,8 @@ SAMPLE = {
 
 LOGGING = {
     "log_every": _map("train.log_every_n_steps"), "verbose": _note(NO_MEANING),
-    "use_wandb": _refuse("Weights & Biases is " + LATER), "project_name": _note("used only with use_wandb"),
-    "run_name": _note("used only with use_wandb"), "use_ui_logger": _note("ai-toolkit's UI only"),
+    "use_wandb": _map("logging.wandb"), "project_name": _map("logging.wandb_project"),
+    "run_name": _note("the W&B run is named after config.name"), "use_ui_logger": _note("ai-toolkit's UI only"),
 }
 
 SECTIONS: dict[str, dict[str, Key]] = {

@@ -260,6 +260,17 @@ class SampleSection(Section):
         return self
 
 
+class LoggingSection(Section):
+    wandb: bool = False
+    """Also send each step's metrics to Weights & Biases from rank 0 (ai-toolkit's `use_wandb`).
+    Needs WANDB_API_KEY in the environment (or .env), or WANDB_MODE=offline, which writes the run
+    under `RUN/wandb/` without network (upload later with `wandb sync`)."""
+    wandb_project: str = "difftrain-dist"
+    """The W&B project (ai-toolkit's `project_name`)."""
+    wandb_entity: str | None = None
+    """The W&B team or user; None: the API key's default entity."""
+
+
 class Recipe(Section):
     """A whole training run. Load with :func:`load_recipe`."""
 
@@ -271,6 +282,7 @@ class Recipe(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = CheckpointSection()
     sample: SampleSection = SampleSection()
+    logging: LoggingSection = LoggingSection()
     _identity: dict[str, Any] | None = PrivateAttr(None)
     """`resume_identity`, read on first use (fields are final once `recipe_from_dict` returns)."""
 

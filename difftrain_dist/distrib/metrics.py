@@ -125,9 +125,55 @@ class TensorBoardLog:
         self.writer.close()
 
 
+WANDB_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR")
+"""Environment variables W&B reads that the driver passes on to the training workers."""
+WANDB_LOCAL_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_problem(recipe: Recipe, env: dict[str, str] | None = None) -> str | None:
+    """Why `logging.wandb` cannot work in this environment, or None (not asked, or it can)."""
+    env = os.environ if env is None else env
+    if not recipe.logging.wandb or env.get("WANDB_API_KEY") or env.get("WANDB_MODE") in WANDB_LOCAL_MODES:
+        return None
+    return ("logging.wandb is true but WANDB_API_KEY is not set: put it in the environment or in .env, "
+            "or set WANDB_MODE=offline to keep the W&B run under the run folder without network")
+
+
+def wandb_run_id(recipe: Recipe) -> str:
+    """The W&B run id of a run: the same for every session of it (resume continues the W&B run)."""
+    return f"{recipe.run.name}-{recipe.recipe_hash()[:8]}"
+
+
+class WandbLog:
+    """A Weights & Biases run (`wandb.init(resume="allow")` under `run_dir/wandb/`), keyed by
+    :func:`wandb_run_id` and logged with `step=` the optimizer step, as `train/<field>` like the
+    TensorBoard scalars. W&B keeps the first value it received for a step: the steps a resumed
+    run trains again (after the checkpoint, before the stop) keep their first session's values
+    there, while metrics.jsonl and TensorBoard show the new ones."""
+
+    def __init__(self, recipe: Recipe, start_step: int):
+        import wandb
+
+        self.start_step = start_step
+        self.run = wandb.init(
+            project=recipe.logging.wandb_project, entity=recipe.logging.wandb_entity, name=recipe.run.name,
+            id=wandb_run_id(recipe), resume="allow", dir=str(recipe.run_dir),
+            config=recipe.model_dump(mode="json"),
+        )
+
+    def write(self, entry: dict) -> None:
+        values = {f"train/{name}": entry[name] for name in SCALARS if entry.get(name) is not None}
+        if entry["step"] >= (self.run.step or 0):
+            self.run.log(values, step=entry["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsReporter:
-    """Rank 0 writes every step to `metrics.jsonl` (MetricsFile) and TensorBoard (TensorBoardLog),
-    and sends `{"step", "max_steps", "loss", "samples_per_s", "eta_s", "lr"}` to the session every
+    """Rank 0 writes every step to `metrics.jsonl` (MetricsFile), TensorBoard (TensorBoardLog) and,
+    when the recipe asks, W&B (WandbLog), and sends
+    `{"step", "max_steps", "loss", "samples_per_s", "eta_s", "lr"}` to the session every
     `train.log_every_n_steps` optimizer steps and at the last one; other ranks do neither."""
 
     def __init__(self, recipe: Recipe, session, global_rank: int, world_size: int, start_step: int):
@@ -138,6 +184,7 @@ class MetricsReporter:
         self.throughput = Throughput(self.samples_per_step, start_step)
         self.file = MetricsFile(recipe.run_dir, start_step) if self.enabled else None
         self.tensorboard = TensorBoardLog(recipe.run_dir, start_step) if self.enabled else None
+        self.wandb = WandbLog(recipe, start_step) if self.enabled and recipe.logging.wandb else None
         self.last_time = time.perf_counter()
 
     def after_step(self, step: int, loss: float, lr: float, grad_norm: float | None = None) -> None:
@@ -152,6 +199,8 @@ class MetricsReporter:
                  "grad_norm": norm, "step_time_s": step_time, "wall_time": time.time(), "world_size": self.world_size}
         self.file.write(entry)
         self.tensorboard.write(entry)
+        if self.wandb is not None:
+            self.wandb.write(entry)
         if step % self.every and step != self.max_steps:
             return
         rate, eta = self.throughput.measure(step, self.max_steps)
@@ -168,3 +217,5 @@ class MetricsReporter:
         if self.file is not None:
             self.file.close()
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -5,7 +5,19 @@ from __future__ import annotations
 import typer
 
 from difftrain_dist.cluster.secrets import DEFAULT_ENV_FILE, load_env_file
-from difftrain_dist.launcher import checkpoints, cluster, export, models, recipe, sample, shards, train, worker
+from difftrain_dist.launcher import (
+    checkpoints,
+    cluster,
+    export,
+    models,
+    plot,
+    recipe,
+    sample,
+    shards,
+    train,
+    ui,
+    worker,
+)
 from difftrain_dist.launcher.common import user_errors
 from difftrain_dist.quiet import apply_quiet_env
 
@@ -22,6 +34,8 @@ app.command("resume")(train.resume)
 app.command("export")(export.export)
 app.command("checkpoints")(checkpoints.checkpoints)
 app.command("sample")(sample.sample)
+app.command("plot")(plot.plot)
+app.command("ui")(ui.ui)
 app.command("worker")(worker.worker)
 app.add_typer(shards.app, name="shards")
 app.add_typer(models.app, name="models")

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import typer
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+"""Messages are not wrapped at the terminal width: logs and the dashboard read whole lines."""
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
 """Stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint (EX_TEMPFAIL): run again to continue."""
@@ -36,11 +37,9 @@ def training_errors() -> Iterator[None]:
     except Exception as err:
         if type(err).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
-        cause = err
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        last = [line for line in str(cause).strip().splitlines() if line.strip()][-1:]
-        console.print(f"[red]error:[/red] training failed: {last[0] if last else type(cause).__name__}")
+        from difftrain_dist.distrib.driver.record import failure_line
+
+        console.print(f"[red]error:[/red] training failed: {failure_line(err)}")
         raise typer.Exit(1) from None
 
 

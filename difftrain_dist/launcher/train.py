@@ -64,20 +64,27 @@ def resume(
 
 def run(cfg: Recipe, progress: bool) -> None:
     """Run a validated recipe and report the result; exit 75 when stopped by a signal, 130 when
-    aborted by a second one."""
+    aborted by a second one. While it runs this process is the run's driver (`RUN/driver.json`,
+    which also records how it ended)."""
     from difftrain_dist.distrib.driver.datasets import build_datasets
     from difftrain_dist.distrib.driver.ray_job import run_training
+    from difftrain_dist.distrib.driver.record import driving
 
-    with user_errors():
-        build_datasets(cfg)
-    console.print(
-        f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "
-        f"ZeRO-{cfg.distributed.zero_stage}, {cfg.train.max_steps} steps, checkpoints in {cfg.run_dir}"
-    )
     aborted = (f"the step in flight was not saved; run the same command again or "
                f"`difftrain-dist resume {cfg.run_dir}` to continue from the last checkpoint")
-    with user_errors(), training_errors(), interruptions(aborted):
+    with user_errors(), training_errors(), interruptions(aborted), driving(cfg.run_dir,
+                                                                          cfg.distributed.address) as record:
+        build_datasets(cfg)
+        console.print(
+            f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "
+            f"ZeRO-{cfg.distributed.zero_stage}, {cfg.train.max_steps} steps, checkpoints in {cfg.run_dir}"
+        )
         result = run_training(cfg, show_progress=progress)
+        record.step = result.step
+        if result.preempted:
+            record.outcome, record.reason = "stopped", f"stopped by a signal at step {result.step}"
+        else:
+            record.outcome = "finished"
     if result.preempted:
         console.print(f"[yellow]stopped at step {result.step} of {cfg.train.max_steps}[/yellow] "
                       f"(latest LoRA: {result.lora_path}); run the same command again or "

@@ -8,6 +8,8 @@ from pathlib import Path
 from difftrain_dist.config import Recipe
 from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint, inspect_checkpoint
 from difftrain_dist.distrib.export import export_valid_checkpoint
+from difftrain_dist.distrib.lossplot import plot_loss
+from difftrain_dist.distrib.metrics import read_metrics
 
 
 @dataclass
@@ -25,7 +27,8 @@ class TrainingResult:
 def finish_run(recipe: Recipe, checkpoint: Path | None, *, stopped_early: bool) -> TrainingResult:
     """Validate the run's last checkpoint (once) and, unless the run stopped before
     `train.max_steps`, write `output_dir/<name>.safetensors` from it; a stopped run leaves that
-    name alone and points to the checkpoint's own `lora.safetensors`.
+    name alone and points to the checkpoint's own `lora.safetensors`. Draws `run_dir/loss.png`
+    from the run's metrics.
 
     `checkpoint`: the newest checkpoint the workers saved or resumed from; None (a job that had
     nothing to train, or whose workers could not say) takes the run folder's newest valid one.
@@ -45,4 +48,6 @@ def finish_run(recipe: Recipe, checkpoint: Path | None, *, stopped_early: bool) 
     lora_path = final.path / LORA_FILE
     if not preempted:
         lora_path = export_valid_checkpoint(final, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
+    if read_metrics(recipe.run_dir):
+        plot_loss(recipe.run_dir)
     return TrainingResult(lora_path=lora_path, checkpoint=final.path, step=final.step, preempted=preempted)

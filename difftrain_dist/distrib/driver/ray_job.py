@@ -29,6 +29,7 @@ from difftrain_dist.distrib.data import check_data_fits_model
 from difftrain_dist.distrib.driver.finish import TrainingResult, finish_run
 from difftrain_dist.distrib.driver.progress import ProgressBoard, ProgressDisplay, logs_to_board, say
 from difftrain_dist.distrib.loop import train_worker
+from difftrain_dist.distrib.metrics import WANDB_ENV, wandb_problem
 from difftrain_dist.distrib.session import STOP_SIGNALS
 from difftrain_dist.quiet import quiet_env
 
@@ -129,8 +130,11 @@ def ray_processes_in_own_session() -> Iterator[None]:
 
 
 def worker_env_vars(recipe: Recipe) -> dict[str, str]:
-    """Environment of the training workers: quiet library chatter unless the user set it."""
+    """Environment of the training workers: quiet library chatter unless the user set it, and the
+    driver's W&B settings when the recipe logs there."""
     env = quiet_env()
+    if recipe.logging.wandb:
+        env.update({name: os.environ[name] for name in WANDB_ENV if name in os.environ})
     if not recipe.distributed.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env
@@ -246,11 +250,14 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     raises, whatever the outcome.
 
     Raises:
-        ValueError: the run folder's checkpoints cannot be continued with this recipe.
+        ValueError: the run folder's checkpoints cannot be continued with this recipe, or W&B
+            logging is asked for without a key or offline mode.
         ray.train.TrainingFailedError: a worker failed more often than `distributed.max_failures`.
         RuntimeError: training finished but left no valid checkpoint.
         KeyboardInterrupt: a second stop signal, or SIGINT before the job started.
     """
+    if problem := wandb_problem(recipe):
+        raise ValueError(problem)
     _, skipped = choose_checkpoint(recipe)  # refuse early (recipe changed, ZeRO stage changed), before any write
     check_data_fits_model(recipe, ShardIndex.load(recipe.data.shards))
     for line in set_aside_skipped(skipped):

@@ -1,0 +1,1 @@
+"""The web dashboard over run folders: `difftrain-dist ui` (server.py; run status in runs.py)."""

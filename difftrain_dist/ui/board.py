@@ -1,0 +1,140 @@
+"""The dashboard's state over a runs folder, and the readers its routes share."""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Request
+
+from difftrain_dist.data_shards.index import INDEX_NAME, ShardIndex
+from difftrain_dist.ui import control
+from difftrain_dist.ui.runs import CheckpointCache, MetricsCache, is_run_folder, read_recipe_yaml, summarize
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""A run folder's name, as `run.name` (so never "..", never the dashboard's own dot-folder)."""
+THUMBNAILS = 6
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def inside(folder: Path, relative: str) -> Path:
+    """`folder/relative` when it resolves (links followed) to an existing file inside `folder`.
+
+    Raises:
+        HTTPException 404: outside the folder, missing, or not a file.
+    """
+    if not relative or "\0" in relative or Path(relative).is_absolute():
+        raise HTTPException(404, "no such file")
+    root = folder.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise HTTPException(404, "no such file")
+    return path
+
+
+class Dashboard:
+    """The runs folder, extra shard folders, the caches of parsed files, the registry of started runs.
+
+    `cwd`: where runs it starts resolve their recipes' relative paths (None: the dashboard's own)."""
+
+    def __init__(self, runs_dir: Path, data_dirs: list[Path] | None = None, cwd: Path | None = None):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dirs = [Path(d).resolve() for d in data_dirs or []]
+        self.cwd = cwd
+        self.metrics = MetricsCache()
+        self.checkpoints = CheckpointCache()
+        self.registry = control.Registry(self.runs_dir)
+
+    def run_dir(self, name: str) -> Path:
+        """The folder of run `name` (a direct child of the runs folder). HTTPException 404 otherwise."""
+        if not RUN_NAME.match(name):
+            raise HTTPException(404, f"no run named {name!r}")
+        path = self.runs_dir / name
+        if not is_run_folder(path):
+            raise HTTPException(404, f"no run named {name!r}")
+        return path
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """Every run's row (RunSummary as a dict), the most recently changed first."""
+        control.reap_children()
+        started = self.registry.all()
+        rows = [self.summary(path, started.get(path.name)) for path in sorted(self.runs_dir.iterdir())
+                if RUN_NAME.match(path.name) and is_run_folder(path)]
+        return sorted(rows, key=lambda r: -r["updated"])
+
+    def summary(self, path: Path, started: dict[str, Any] | None = None) -> dict[str, Any]:
+        started = started if started is not None else self.registry.get(path.name)
+        row = summarize(path, self.metrics, self.checkpoints, started).as_dict()
+        if started and started["kind"] == "ray" and row["status"] not in ("running", "finished"):
+            row.update(ray_job_status(started))
+        return row
+
+    def shard_folders(self) -> list[Path]:
+        """Shard folders the dashboard shows: each run's `data.shards`, the runs folder's shard
+        cache, and every `index.json` folder under `--data` folders (two levels down)."""
+        found: list[Path] = []
+        for path in sorted(self.runs_dir.iterdir()):
+            shards = (read_recipe_yaml(path).get("data") or {}).get("shards") if path.is_dir() else None
+            if shards:
+                found.append(Path(shards))
+        for root in [self.runs_dir / ".shards-cache", *self.data_dirs]:
+            found += [p.parent for p in (*root.glob(INDEX_NAME), *root.glob(f"*/{INDEX_NAME}"),
+                                         *root.glob(f"*/*/{INDEX_NAME}"))]
+        unique: list[Path] = []
+        for folder in found:
+            folder = folder.resolve()
+            if (folder / INDEX_NAME).is_file() and folder not in unique:
+                unique.append(folder)
+        return unique
+
+
+def board_of(request: Request) -> Dashboard:
+    return request.app.state.board
+
+
+def ray_job_status(started: dict[str, Any]) -> dict[str, Any]:
+    """Status of a run submitted to a Ray cluster, from the Ray Jobs API (when its run folder
+    does not show it running or finished: the folder may live on the cluster only)."""
+    from difftrain_dist.cluster import jobs
+
+    try:
+        info = jobs.status(started["job_id"], started["address"])
+    except ValueError as err:
+        return {"status": "unknown", "reason": str(err)}
+    states = {"PENDING": "starting", "RUNNING": "running", "SUCCEEDED": "finished", "STOPPED": "stopped",
+              "FAILED": "failed"}
+    return {"status": states.get(info["status"], "unknown"), "reason": info.get("message") or ""}
+
+
+def dataset_info(folder: Path) -> dict[str, Any]:
+    """Counts, bucket histogram and skipped inputs of a shard folder (its index.json)."""
+    try:
+        index = ShardIndex.load(folder)
+    except ValueError as err:
+        return {"folder": str(folder), "error": str(err)}
+    return {
+        "folder": str(folder), "num_samples": index.num_samples, "num_shards": len(index.shards),
+        "resolutions": list(index.resolutions), "buckets": dict(index.buckets),
+        "skipped": [{"source": s.source, "reason": s.reason, "kind": s.kind} for s in index.skipped],
+        "upscaled": len(index.upscaled),
+    }
+
+
+def thumbnail(folder: Path, n: int) -> tuple[bytes, str]:
+    """The `n`-th image stored in the folder's shards, in order (bytes, media type). 404 past the end."""
+    index = ShardIndex.load(folder)
+    seen = 0
+    for shard in index.shards:
+        with tarfile.open(inside(folder, shard.name)) as tar:
+            for member in tar:
+                suffix = Path(member.name).suffix.lower()
+                if not member.isfile() or suffix not in IMAGE_SUFFIXES:
+                    continue
+                if seen == n:
+                    media = {".png": "image/png", ".webp": "image/webp"}.get(suffix, "image/jpeg")
+                    return tar.extractfile(member).read(), media
+                seen += 1
+    raise HTTPException(404, "no such sample")
