@@ -15,14 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from difftrain_dist.distrib.checkpoint import list_checkpoints
+from difftrain_dist.distrib.driver.record import read_driver_record
 from difftrain_dist.models import read_lora_file
 
 from .procs import free_port
 from .test_train_run import run_cli
+from .ui_server import serve
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_cluster-s3cr3t-9876543210"
@@ -98,6 +101,8 @@ def test_submit_to_a_real_ray_head_trains_and_reports(tmp_path, ray_head, tiny_s
     assert "LoRA written" in submit.stdout  # the job's own output, streamed back
     tensors, _ = read_lora_file(tmp_path / "out" / "job.safetensors")
     assert tensors
+    record = read_driver_record(tmp_path / "runs" / "job")  # the job's entrypoint was the run's driver
+    assert (record.ray_job_id, record.outcome, record.ray_address) == ("lora-job-1", "finished", None)
 
     status = run_cli("jobs", "status", "lora-job-1", "--address", ray_head, cwd=tmp_path)
     assert status.returncode == 0 and "SUCCEEDED" in status.stderr and "run job" in status.stderr, status.stderr
@@ -113,6 +118,27 @@ def test_submit_to_a_real_ray_head_trains_and_reports(tmp_path, ray_head, tiny_s
     assert probe.stdout.strip() == "True", probe.stderr  # the secret reached the job's environment
     unknown = run_cli("jobs", "status", "no-such-job", "--address", ray_head, cwd=tmp_path)
     assert unknown.returncode == 2 and "no-such-job" in unknown.stderr
+
+
+def test_the_dashboard_submits_to_a_ray_head_and_follows_the_job(tmp_path, ray_head, tiny_sd15_model, photo_shards,
+                                                                 monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
+    recipe = _recipe(tmp_path, tiny_sd15_model, photo_shards, "from-ui", max_steps=2)
+    recipe["distributed"]["num_workers"] = 1
+    with serve(tmp_path / "runs") as url:
+        started = httpx.post(f"{url}/api/runs", json={"recipe": yaml.safe_dump(recipe), "address": ray_head,
+                                                         "python": sys.executable})
+        assert started.status_code == 200, started.text
+        job_id = started.json()["job_id"]
+        deadline = time.monotonic() + 300
+        while (row := httpx.get(f"{url}/api/runs/from-ui").json())["status"] != "finished":
+            assert row["status"] in ("starting", "running") and time.monotonic() < deadline, row
+            time.sleep(0.5)
+        assert row["where"] == f"Ray job {job_id} at {ray_head}"
+        assert "LoRA written" in httpx.get(f"{url}/api/runs/from-ui/log").json()["text"]  # from the Jobs API
+    assert read_driver_record(tmp_path / "runs" / "from-ui").ray_job_id == job_id
+    assert read_lora_file(tmp_path / "out" / "from-ui.safetensors")[0]
 
 
 def test_multi_node_run_survives_a_lost_node(tmp_path, tiny_sd15_model, photo_shards):

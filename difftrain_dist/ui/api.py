@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -19,6 +20,8 @@ from difftrain_dist.ui.runs import CONSOLE_LOG, is_run_folder, sample_grids
 
 router = APIRouter(prefix="/api")
 LOG_CHUNK = 64 * 1024
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+"""Terminal colour and cursor codes (Ray prefixes worker lines with them), dropped from log text."""
 NOT_FROM_HERE = "this run was not started from the dashboard: its output went to the terminal that started it"
 
 
@@ -74,7 +77,7 @@ def log(request: Request, name: str, offset: int = -1):
                 text = jobs.logs(started["job_id"], started["address"])
             except ValueError as err:
                 text = str(err)
-            return {"offset": len(text), "text": text[-LOG_CHUNK:], "reset": True}
+            return {"offset": len(text), "text": ANSI_ESCAPE.sub("", text[-LOG_CHUNK:]), "reset": True}
         return {"offset": 0, "text": "", "reset": True, "note": NOT_FROM_HERE}
     size = path.stat().st_size
     reset = offset < 0 or offset > size
@@ -82,7 +85,8 @@ def log(request: Request, name: str, offset: int = -1):
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(LOG_CHUNK)
-    return {"offset": start + len(data), "text": data.decode("utf-8", errors="replace"), "reset": reset}
+    text = ANSI_ESCAPE.sub("", data.decode("utf-8", errors="replace"))
+    return {"offset": start + len(data), "text": text, "reset": reset}
 
 
 @router.post("/runs/{name}/stop")
@@ -149,7 +153,8 @@ async def validate(request: Request):
 
 @router.post("/runs")
 async def start(request: Request):
-    """Start a recipe: {"recipe": YAML text, "address": Ray Jobs URL, or null for this machine}.
+    """Start a recipe: {"recipe": YAML text, "address": Ray Jobs URL, or null for this machine,
+    "python": the interpreter on the cluster's head node (default "python")}.
     422 with the errors when it is not valid; 409 when that run is running already."""
     board = board_of(request)
     body = await json_body(request)
@@ -164,22 +169,23 @@ async def start(request: Request):
         checked.file.unlink(missing_ok=True)
         raise HTTPException(409, f"run {name} is already running")
     if address:
-        return submit(board, checked, address)
+        return submit(board, checked, address, str(body.get("python") or "python"))
     args = ["train", str(checked.file), "--set", f"run.storage_path={board.runs_dir}"]
     pid = control.spawn_driver(run_dir, args, cwd=board.cwd)
     board.registry.record(name, "local", pid=pid, command=" ".join(args))
     return {"name": name, "pid": pid, "url": f"/runs/{name}"}
 
 
-def submit(board: Dashboard, checked: Checked, address: str) -> dict[str, Any]:
-    """Submit a validated recipe as a Ray job (secrets from ./.env as `difftrain-dist submit` does)."""
+def submit(board: Dashboard, checked: Checked, address: str, python: str) -> dict[str, Any]:
+    """Submit a validated recipe as a Ray job running `python -m difftrain_dist train` on the
+    cluster (secrets from ./.env, as `difftrain-dist submit` does)."""
     from difftrain_dist.cluster import jobs
     from difftrain_dist.cluster.secrets import DEFAULT_ENV_FILE, read_env_file
 
     recipe = checked.recipe
     secrets = read_env_file(DEFAULT_ENV_FILE) if DEFAULT_ENV_FILE.is_file() else {}
     try:
-        submission = jobs.submit(recipe, address=address, secrets=secrets)
+        submission = jobs.submit(recipe, address=address, secrets=secrets, python=python)
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
     (board.runs_dir / recipe.run.name).mkdir(parents=True, exist_ok=True)

@@ -49,11 +49,12 @@ class Dashboard:
         self.registry = control.Registry(self.runs_dir)
 
     def run_dir(self, name: str) -> Path:
-        """The folder of run `name` (a direct child of the runs folder). HTTPException 404 otherwise."""
+        """The folder of run `name` (a direct child of the runs folder that is a run folder, or
+        that of a run submitted to a cluster from here). HTTPException 404 otherwise."""
         if not RUN_NAME.match(name):
             raise HTTPException(404, f"no run named {name!r}")
         path = self.runs_dir / name
-        if not is_run_folder(path):
+        if not is_run_folder(path) and not (path.is_dir() and self.registry.get(name)):
             raise HTTPException(404, f"no run named {name!r}")
         return path
 
@@ -62,7 +63,7 @@ class Dashboard:
         control.reap_children()
         started = self.registry.all()
         rows = [self.summary(path, started.get(path.name)) for path in sorted(self.runs_dir.iterdir())
-                if RUN_NAME.match(path.name) and is_run_folder(path)]
+                if RUN_NAME.match(path.name) and (is_run_folder(path) or path.is_dir() and path.name in started)]
         return sorted(rows, key=lambda r: -r["updated"])
 
     def summary(self, path: Path, started: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def driving(run_dir: Path, ray_address: str | None) -> Iterator[DriverRecord]:
         raise RunBusyError(f"run {run_dir} is being trained by {who}: stop it first "
                            "(SIGTERM checkpoints and stops it) or choose another run.name") from None
     record = DriverRecord(pid=os.getpid(), host=socket.gethostname(), started=time.time(), command=list(sys.argv),
-                          ray_address=ray_address, ray_job_id=os.environ.get("RAY_JOB_SUBMISSION_ID"))
+                          ray_address=ray_address, ray_job_id=ray_submission_id())
     _write(run_dir, record)
     try:
         yield record
@@ -132,6 +132,17 @@ def driving(run_dir: Path, ray_address: str | None) -> Iterator[DriverRecord]:
         record.ended = time.time()
         _write(run_dir, record)
         os.close(fd)  # releases the lock
+
+
+def ray_submission_id() -> str | None:
+    """The Ray Jobs submission id when this process is a job's entrypoint: Ray's job supervisor
+    passes it in the job config it sets in RAY_JOB_CONFIG_JSON_ENV_VAR (metadata
+    `job_submission_id`, ray/dashboard/modules/job/job_supervisor.py)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return (config.get("metadata") or {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 def failure_line(err: BaseException) -> str:

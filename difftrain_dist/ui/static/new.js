@@ -31,7 +31,8 @@ function showErrors(errors) {
 }
 
 function body() {
-  return { recipe: text.value, address: document.getElementById("address").value.trim() || null };
+  return { recipe: text.value, address: document.getElementById("address").value.trim() || null,
+           python: document.getElementById("python").value.trim() || "python" };
 }
 
 async function validate() {

@@ -12,9 +12,16 @@ function chartOptions(title, series, width) {
   return {
     title, width, height: 220,
     scales: { x: { time: false } },
-    axes: [{ stroke: "#8b93a1", grid: { stroke: "#2a2f3a" } }, { stroke: "#8b93a1", grid: { stroke: "#2a2f3a" }, size: 60 }],
+    axes: [{ stroke: "#8b93a1", grid: { stroke: "#2a2f3a" } },
+           { stroke: "#8b93a1", grid: { stroke: "#2a2f3a" }, size: 70, values: (u, ticks) => ticks.map(axisLabel) }],
     series: [{ label: "step" }, ...series],
   };
+}
+
+function axisLabel(value) {
+  if (value === 0) return "0";
+  const magnitude = Math.abs(value);
+  return magnitude < 1e-2 || magnitude >= 1e5 ? value.toExponential(1) : fmt(value, 3);
 }
 
 function chartData() {
@@ -48,6 +55,7 @@ function drawCharts() {
   }
   const n = metrics.entries.length;
   document.getElementById("points").textContent = n ? `${n} steps` : "no steps yet";
+  document.getElementById("points").dataset.points = n;
 }
 
 async function refreshMetrics() {
@@ -127,6 +135,7 @@ async function refreshRun() {
     document.querySelector("#checkpoints tbody").replaceChildren(...run.checkpoints.map(checkpointRow));
   }
   showSamples(run.samples);
+  document.getElementById("loss-plot").hidden = !run.has_loss_plot;
   document.getElementById("exports").replaceChildren(...run.exports.flatMap((f) =>
     [el("a", { href: filesPath + f, download: "" }, f.split("/").pop()), " "]));
   if (run.status !== lastStatus) {
