@@ -233,3 +233,84 @@ def test_plot_draws_loss_png_and_says_when_there_is_nothing(runs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "difftrain_dist", "plot", str(runs / "r1"), "--out",
                            str(tmp_path / "x.png"), "--smoothing", "0.5"], capture_output=True, text=True)
     assert proc.returncode == 0 and (tmp_path / "x.png").is_file(), proc.stderr
+
+
+def test_only_loopback_names_count_as_loopback(runs):
+    from difftrain_dist.ui.server import is_loopback
+
+    assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.3.4.5", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("127.0.0.1.evil.com", "127.evil.example", "localhost.evil.com", "0.0.0.0",
+                                            "10.0.0.1", ""))
+    with serve(runs) as url:
+        for host in ("127.0.0.1.evil.com:8675", "127.evil.example", "127.0.0.1:8675:evil.com", "[::2]:8675"):
+            assert httpx.get(f"{url}/api/runs", headers={"Host": host}).status_code == 403, host
+        page = httpx.get(f"{url}/", headers={"Host": "[::1]:8675"})
+        assert page.status_code == 200
+        assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers[
+            "content-security-policy"]
+        assert httpx.post(f"{url}/api/runs/r1/stop", content="{}",
+                          headers={"Content-Type": "application/json-x"}).status_code == 415
+
+
+def test_a_damaged_run_folder_never_hides_the_others(runs, tmp_path):
+    damages = {
+        "not-objects": ("metrics.jsonl", b'[1]\n5\n{"step": "x"}\n'),
+        "strings": ("metrics.jsonl", b'{"step": 1, "loss": "x", "step_time_s": "x", "samples_per_s": "y"}\n'),
+        "nan": ("metrics.jsonl", b'{"step": 1, "loss": NaN, "lr": Infinity}\n'),
+        "bad-sections": ("recipe.yaml", b"train: [1]\nmodel: sd15\ndata: 5\n"),
+        "not-utf8": ("recipe.yaml", b"run: {name: \xff\xfe}\n"),
+    }
+    for name, (file, data) in damages.items():
+        (runs / name).mkdir()
+        (runs / name / file).write_bytes(data)
+        if file != "recipe.yaml":
+            (runs / name / "recipe.yaml").write_text("train: {max_steps: abc}\n")
+    (runs / "folder-metrics").mkdir()
+    (runs / "folder-metrics" / "metrics.jsonl").mkdir()
+    (runs / "folder-metrics" / "recipe.yaml").write_text("data: {shards: 5}\n")
+    (tmp_path / "elsewhere").mkdir()
+    _fake_run(tmp_path / "elsewhere", "linked")
+    (runs / "linked").symlink_to(tmp_path / "elsewhere" / "linked")
+    with serve(runs) as url:
+        for route in ("/", "/api/runs", "/datasets", "/api/datasets", *(f"/runs/{n}" for n in damages),
+                      *(f"/api/runs/{n}" for n in damages), *(f"/api/runs/{n}/metrics" for n in damages)):
+            assert httpx.get(url + route).status_code == 200, route
+        rows = {r["name"]: r for r in httpx.get(f"{url}/api/runs").json()}
+        assert set(rows) == {"r1", "folder-metrics", *damages}  # a link to a run elsewhere is not followed
+        assert rows["r1"]["last_loss"] == pytest.approx(0.2) and rows["nan"]["last_loss"] is None
+        assert rows["strings"]["samples_per_s"] is None and rows["bad-sections"]["family"] is None
+        long = "a" * 300
+        for route in (f"/runs/{long}", f"/api/runs/{long}", f"/runs/r1/files/{long}", f"/new?source={long}",
+                      "/runs/linked/files/recipe.yaml"):
+            assert httpx.get(url + route).status_code == 404, route
+
+
+def test_a_failure_after_the_last_checkpoint_is_not_shown_as_finished(tmp_path):
+    from difftrain_dist.distrib.checkpoint import CheckpointInfo
+    from difftrain_dist.distrib.driver.record import DriverRecord
+
+    final = CheckpointInfo(path=tmp_path / "checkpoint_000000010", step=10, valid=True)
+    record = DriverRecord(pid=1, host="h", started=1.0, command=[], outcome="failed", reason="No space left on device")
+    status = run_status(tmp_path, 10, final, record)
+    assert (status.state, status.reason) == ("failed", "No space left on device; resumable from step 10")
+    killed = run_status(tmp_path, 10, final, record.model_copy(update={"outcome": None, "reason": None}))
+    assert killed.state == "failed" and "ended without recording how" in killed.reason
+    assert run_status(tmp_path, 10, final, None).state == "finished"  # no record: the checkpoints decide
+
+
+def test_recipes_of_odd_shapes_are_refused_with_a_reason(runs):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(7))
+    with serve(runs) as url:
+        started = time.monotonic()
+        answer = httpx.post(f"{url}/api/recipes/validate", json={"recipe": bomb}).json()
+        assert "aliases" in answer["errors"][0]["message"] and time.monotonic() - started < 5
+        for recipe in ("run: 5\nmodel: 5\n", "job: extension\nconfig: {name: x, process: [{network: 5}]}\n",
+                       "job: extension\nconfig: 5\n"):
+            answer = httpx.post(f"{url}/api/recipes/validate", json={"recipe": recipe})
+            assert answer.status_code == 200 and not answer.json()["ok"], (recipe, answer.text)
+        assert httpx.post(f"{url}/api/recipes/validate", json={"recipe": {"run": {}}}).status_code == 400
+        (runs / "r1" / "checkpoint_000000001").mkdir()
+        odd = httpx.post(f"{url}/api/runs/r1/checkpoints/checkpoint_000000001/export", json={"dtype": {"a": 1}})
+        assert odd.status_code == 400
+    assert list((runs / ".difftrain-ui" / "recipes").glob("*")) == []  # nothing kept of invalid recipes

@@ -86,6 +86,9 @@ def convert_job(raw: dict[str, Any], source: str = "<job>") -> Conversion:
         conv.refuse("job", f"{raw.get('job')!r} jobs are not trainers; LoRA jobs are `job: extension`")
     if raw.get("meta"):
         conv.note("meta", "the LoRA header here carries the run's ss_* and modelspec.* fields instead")
+    if not isinstance(config, dict):
+        conv.refuse("config", f"expected a mapping, found {config!r}")
+        raise RecipeError(_report(conv, source))
     _check_keys(conv, config, {"name", "process", "device", "training_folder", "log_dir"}, "config")
     processes = config.get("process")
     if not isinstance(processes, list) or len(processes) != 1 or not isinstance(processes[0], dict):
@@ -104,7 +107,8 @@ def convert_job(raw: dict[str, Any], source: str = "<job>") -> Conversion:
 
 def _with_name(raw: dict[str, Any]) -> dict[str, Any]:
     """ai-toolkit's load-time substitution: `[name]` in every string becomes `config.name`."""
-    name = raw.get("config", {}).get("name")
+    config = raw.get("config")
+    name = config.get("name") if isinstance(config, dict) else None
     if not isinstance(name, str):
         return raw
     return json.loads(json.dumps(raw).replace("[name]", name.replace("\\", "\\\\").replace('"', '\\"')))
@@ -145,13 +149,22 @@ def _process(conv: Conversion, process: dict[str, Any], path: str) -> None:
         conv.set("data.trigger_word", trigger, _join(path, "trigger_word"))
     device = str(process.get("device", "cpu"))
     conv.set("distributed.use_gpu", device.startswith("cuda"), _join(path, "device"))
-    arch = _model(conv, process.get("model") or {}, _join(path, "model"), device)
-    _network(conv, process.get("network") or {}, _join(path, "network"), arch)
-    _save(conv, process.get("save") or {}, _join(path, "save"))
+    arch = _model(conv, _mapping(conv, process, "model", path), _join(path, "model"), device)
+    _network(conv, _mapping(conv, process, "network", path), _join(path, "network"), arch)
+    _save(conv, _mapping(conv, process, "save", path), _join(path, "save"))
     _datasets(conv, process.get("datasets"), _join(path, "datasets"))
-    _train(conv, process.get("train") or {}, _join(path, "train"), arch)
+    _train(conv, _mapping(conv, process, "train", path), _join(path, "train"), arch)
     _sample(conv, process.get("sample"), _join(path, "sample"), trigger)
     _walk(conv, process.get("logging") or {}, SECTIONS["logging"], _join(path, "logging"))
+
+
+def _mapping(conv: Conversion, process: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    """`process[key]` when it is a mapping (or absent: {}); otherwise refused, and {}."""
+    value = process.get(key) or {}
+    if not isinstance(value, dict):
+        conv.refuse(_join(path, key), f"expected a mapping, found {value!r}")
+        return {}
+    return value
 
 
 def _walk(conv: Conversion, section: Any, keys: dict[str, Key], path: str, skip: frozenset[str] = frozenset(),

@@ -134,6 +134,8 @@ def load_recipe(
         node = raw
         for section in sections:
             node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"invalid recipe {path}:\n  {section}: expected a mapping of fields, found {node!r}")
         node[field] = value
     return recipe_from_dict(raw, source=str(path), check_paths=check_paths)
 

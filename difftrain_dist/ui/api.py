@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -124,19 +125,25 @@ def resume(request: Request, name: str):
 async def export(request: Request, name: str, checkpoint: str):
     """Write the checkpoint's LoRA file in {"format", "dtype"} (empty: the run's own) under
     RUN/exports/; answers its download URL."""
-    from difftrain_dist.distrib.export import export_checkpoint
-
     path = board_of(request).run_dir(name)
     if not CHECKPOINT_DIR.match(checkpoint) or not (path / checkpoint).is_dir():
         raise HTTPException(404, f"no checkpoint {checkpoint!r} in run {name}")
     body = await json_body(request)
     fmt, dtype = body.get("format") or None, body.get("dtype") or None
+    if not all(value is None or isinstance(value, str) for value in (fmt, dtype)):
+        raise HTTPException(400, "format and dtype are names (strings), e.g. \"kohya\", \"float16\"")
     out = path / "exports" / f"{checkpoint}-{fmt or 'default'}-{dtype or 'saved'}.safetensors"
     try:
-        await run_in_threadpool(export_checkpoint, path / checkpoint, out, fmt, dtype)
+        await run_in_threadpool(_export, path / checkpoint, out, fmt, dtype)
     except ValueError as err:
         raise HTTPException(400, str(err)) from None
     return {"file": f"exports/{out.name}", "url": f"/runs/{name}/files/exports/{out.name}"}
+
+
+def _export(checkpoint: Path, out: Path, fmt: str | None, dtype: str | None) -> Path:
+    from difftrain_dist.distrib.export import export_checkpoint  # torch and DeepSpeed: off the event loop
+
+    return export_checkpoint(checkpoint, out, fmt, dtype)
 
 
 @router.post("/recipes/validate")
@@ -144,8 +151,8 @@ async def validate(request: Request):
     """{"recipe": YAML text, "address": Ray Jobs URL or null} → {"ok", "errors": [{field, message, line}]}."""
     board = board_of(request)
     body = await json_body(request)
-    checked = check_recipe(str(body.get("recipe") or ""), board.registry.folder / "recipes", board.runs_dir,
-                           check_paths=not body.get("address"))
+    checked = await run_in_threadpool(check_recipe, recipe_text(body), board.registry.folder / "recipes",
+                                      board.runs_dir, check_paths=not body.get("address"))
     if checked.file is not None:
         checked.file.unlink(missing_ok=True)
     return checked_answer(checked, board)
@@ -159,8 +166,10 @@ async def start(request: Request):
     board = board_of(request)
     body = await json_body(request)
     address = body.get("address") or None
-    checked = check_recipe(str(body.get("recipe") or ""), board.registry.folder / "recipes", board.runs_dir,
-                           check_paths=address is None)
+    if address is not None and not isinstance(address, str):
+        raise HTTPException(400, "address is a Ray Jobs URL (a string)")
+    checked = await run_in_threadpool(check_recipe, recipe_text(body), board.registry.folder / "recipes",
+                                      board.runs_dir, check_paths=address is None)
     if checked.recipe is None:
         return JSONResponse(checked_answer(checked, board), 422)
     name = checked.recipe.run.name
@@ -169,7 +178,10 @@ async def start(request: Request):
         checked.file.unlink(missing_ok=True)
         raise HTTPException(409, f"run {name} is already running")
     if address:
-        return submit(board, checked, address, str(body.get("python") or "python"))
+        try:
+            return submit(board, checked, address, str(body.get("python") or "python"))
+        finally:
+            checked.file.unlink(missing_ok=True)  # the job took its own copy
     args = ["train", str(checked.file), "--set", f"run.storage_path={board.runs_dir}"]
     pid = control.spawn_driver(run_dir, args, cwd=board.cwd)
     board.registry.record(name, "local", pid=pid, command=" ".join(args))
@@ -208,6 +220,14 @@ def checked_answer(checked: Checked, board: Dashboard) -> dict[str, Any]:
         if is_run_folder(board.runs_dir / recipe.run.name):
             answer["note"] = f"run {recipe.run.name} exists: starting it continues from its newest valid checkpoint"
     return answer
+
+
+def recipe_text(body: dict[str, Any]) -> str:
+    """The body's "recipe": YAML text. HTTPException 400 for anything else."""
+    text = body.get("recipe")
+    if not isinstance(text, str):
+        raise HTTPException(400, "recipe: the YAML text of a recipe (a string)")
+    return text
 
 
 async def json_body(request: Request) -> dict[str, Any]:

@@ -11,9 +11,17 @@ from fastapi import HTTPException, Request
 
 from difftrain_dist.data_shards.index import INDEX_NAME, ShardIndex
 from difftrain_dist.ui import control
-from difftrain_dist.ui.runs import CheckpointCache, MetricsCache, is_run_folder, read_recipe_yaml, summarize
+from difftrain_dist.ui.runs import (
+    CheckpointCache,
+    MetricsCache,
+    RunSummary,
+    is_run_folder,
+    read_recipe_yaml,
+    section,
+    summarize,
+)
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 """A run folder's name, as `run.name` (so never "..", never the dashboard's own dot-folder)."""
 THUMBNAILS = 6
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -27,9 +35,13 @@ def inside(folder: Path, relative: str) -> Path:
     """
     if not relative or "\0" in relative or Path(relative).is_absolute():
         raise HTTPException(404, "no such file")
-    root = folder.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    try:
+        root = folder.resolve()
+        path = (root / relative).resolve()
+        found = path.is_relative_to(root) and path.is_file()
+    except (OSError, ValueError):  # a name too long, a loop of links
+        found = False
+    if not found:
         raise HTTPException(404, "no such file")
     return path
 
@@ -51,24 +63,40 @@ class Dashboard:
     def run_dir(self, name: str) -> Path:
         """The folder of run `name` (a direct child of the runs folder that is a run folder, or
         that of a run submitted to a cluster from here). HTTPException 404 otherwise."""
-        if not RUN_NAME.match(name):
-            raise HTTPException(404, f"no run named {name!r}")
         path = self.runs_dir / name
-        if not is_run_folder(path) and not (path.is_dir() and self.registry.get(name)):
+        if not RUN_NAME.match(name) or not self.is_run(path):
             raise HTTPException(404, f"no run named {name!r}")
         return path
+
+    def is_run(self, path: Path, started: dict[str, dict[str, Any]] | None = None) -> bool:
+        """A run folder inside the runs folder (a link to a folder elsewhere is not followed), or
+        the folder of a run submitted to a cluster from here."""
+        try:
+            if path.is_symlink() or not path.is_dir():
+                return False
+            known = path.name in started if started is not None else self.registry.get(path.name) is not None
+            return is_run_folder(path) or known
+        except OSError:
+            return False
 
     def summaries(self) -> list[dict[str, Any]]:
         """Every run's row (RunSummary as a dict), the most recently changed first."""
         control.reap_children()
         started = self.registry.all()
         rows = [self.summary(path, started.get(path.name)) for path in sorted(self.runs_dir.iterdir())
-                if RUN_NAME.match(path.name) and (is_run_folder(path) or path.is_dir() and path.name in started)]
+                if RUN_NAME.match(path.name) and self.is_run(path, started)]
         return sorted(rows, key=lambda r: -r["updated"])
 
     def summary(self, path: Path, started: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The run's row; a folder whose files cannot be read is a row with status unknown and
+        the reason, so that one bad folder never hides the others."""
         started = started if started is not None else self.registry.get(path.name)
-        row = summarize(path, self.metrics, self.checkpoints, started).as_dict()
+        try:
+            row = summarize(path, self.metrics, self.checkpoints, started).as_dict()
+        except Exception as err:  # noqa: BLE001 (anything a hand-edited or damaged file may raise)
+            row = RunSummary(name=path.name, family=None, status="unknown", reason=f"cannot read the run folder: "
+                             f"{type(err).__name__}: {err}"[:500], step=0, max_steps=None, last_loss=None,
+                             samples_per_s=None, eta_s=None, workers=None, where="", updated=0.0).as_dict()
         if started and started["kind"] == "ray" and row["status"] not in ("running", "finished"):
             row.update(ray_job_status(started))
         return row
@@ -78,17 +106,20 @@ class Dashboard:
         cache, and every `index.json` folder under `--data` folders (two levels down)."""
         found: list[Path] = []
         for path in sorted(self.runs_dir.iterdir()):
-            shards = (read_recipe_yaml(path).get("data") or {}).get("shards") if path.is_dir() else None
-            if shards:
+            shards = section(read_recipe_yaml(path), "data").get("shards") if self.is_run(path) else None
+            if isinstance(shards, str) and shards:
                 found.append(Path(shards))
         for root in [self.runs_dir / ".shards-cache", *self.data_dirs]:
             found += [p.parent for p in (*root.glob(INDEX_NAME), *root.glob(f"*/{INDEX_NAME}"),
                                          *root.glob(f"*/*/{INDEX_NAME}"))]
         unique: list[Path] = []
         for folder in found:
-            folder = folder.resolve()
-            if (folder / INDEX_NAME).is_file() and folder not in unique:
-                unique.append(folder)
+            try:
+                folder = folder.resolve()
+                if (folder / INDEX_NAME).is_file() and folder not in unique:
+                    unique.append(folder)
+            except (OSError, ValueError):
+                continue
         return unique
 
 

@@ -9,6 +9,7 @@ dashboard's own table of the runs it started (`registry.py`), which says where e
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -40,9 +41,29 @@ def read_recipe_yaml(run_dir: Path) -> dict[str, Any]:
     driver saved it, every default spelled out."""
     try:
         raw = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}
     return raw if isinstance(raw, dict) else {}
+
+
+def section(recipe: dict[str, Any], name: str) -> dict[str, Any]:
+    """`recipe[name]` when it is a mapping, else {} (a hand-edited recipe.yaml may hold anything)."""
+    value = recipe.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def number(value: Any) -> float | None:
+    """`value` as a finite float, None when it is not a number (or NaN, inf: JSON has no such value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _clean(entry: Any) -> dict | None:
+    """A metrics.jsonl entry with an int step, its non-finite numbers as None; None for anything else."""
+    if not isinstance(entry, dict) or isinstance(entry.get("step"), bool) or not isinstance(entry.get("step"), int):
+        return None
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
 
 
 class MetricsCache:
@@ -57,6 +78,8 @@ class MetricsCache:
         path = run_dir / METRICS_FILE
         try:
             stat = path.stat()
+            if not path.is_file():
+                return "", []
         except OSError:
             return "", []
         inode, offset, entries = self._files.get(path, (stat.st_ino, 0, []))
@@ -69,9 +92,11 @@ class MetricsCache:
             whole = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
             for line in whole.splitlines():
                 try:
-                    entries.append(json.loads(line))
+                    entry = _clean(json.loads(line))
                 except ValueError:
                     continue
+                if entry is not None:
+                    entries.append(entry)
             offset += len(whole)
         self._files[path] = (stat.st_ino, offset, entries)
         return str(stat.st_ino), entries
@@ -127,11 +152,13 @@ def run_status(run_dir: Path, max_steps: int | None, newest_valid: CheckpointInf
     - running: a process holds the driver lock (`lock_holder`);
     - starting: the dashboard started a process for it that is alive and has not taken the lock
       yet (`started`: its row in the registry);
-    - finished: the newest valid checkpoint is at `max_steps` (or beyond);
-    - stopped / failed / aborted: as the driver recorded when its session ended; a driver that
-      ended without recording anything (killed, its machine lost) is failed, with that reason;
-    - with no driver record at all (a run older than the record, or a folder copied here): stopped
-      when it has a valid checkpoint, else unknown.
+    - finished, stopped, failed, aborted: as the driver of the last session recorded when it
+      ended; a driver that ended without recording anything (killed, its machine lost) is failed,
+      with that reason, even when its last checkpoint is complete (writing the LoRA file may be
+      what it died in);
+    - with no driver record at all (a run older than the record, or a folder copied here): from
+      the checkpoints: finished when the newest valid one is at `max_steps`, stopped when there
+      is one, else unknown.
     A stopped or failed run with a valid checkpoint says which step it can resume from.
     """
     holder = lock_holder(run_dir)
@@ -144,18 +171,18 @@ def run_status(run_dir: Path, max_steps: int | None, newest_valid: CheckpointInf
             return Status("starting", f"pid {pid}", pid=pid)
         return Status("failed", last_error_line(run_dir / CONSOLE_LOG) or "the process ended before training began")
     resumable = f"; resumable from step {newest_valid.step}" if newest_valid else ""
-    if newest_valid is not None and max_steps is not None and newest_valid.step >= max_steps:
-        return Status("finished", f"step {newest_valid.step}")
     if record is None:
+        if newest_valid is not None and max_steps is not None and newest_valid.step >= max_steps:
+            return Status("finished", f"step {newest_valid.step}")
         if newest_valid is not None:
             return Status("stopped", f"checkpoint at step {newest_valid.step} (no driver record)")
         return Status("unknown", "no driver record and no valid checkpoint")
+    if record.outcome == "finished":
+        return Status("finished", f"step {record.step}")
     if record.outcome == "stopped":
         return Status("stopped", f"checkpoint at step {newest_valid.step}" if newest_valid else record.reason or "")
     if record.outcome in ("failed", "aborted"):
         return Status(record.outcome, (record.reason or "") + resumable)
-    if record.outcome == "finished":
-        return Status("finished", f"step {record.step}")
     return Status("failed", f"the driver (pid {record.pid} on {record.host}) ended without recording how: "
                             f"killed, or its machine went down{resumable}")
 
@@ -218,8 +245,8 @@ def summarize(run_dir: Path, metrics: MetricsCache, checkpoints: CheckpointCache
               started: dict[str, Any] | None = None) -> RunSummary:
     """The runs-page row of `run_dir`, computed now."""
     recipe = read_recipe_yaml(run_dir)
-    train = recipe.get("train") or {}
-    max_steps = train.get("max_steps")
+    max_steps = section(recipe, "train").get("max_steps")
+    max_steps = max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) else None
     _, entries = metrics.read(run_dir)
     infos = checkpoints.all(run_dir)
     valid = [info for info in infos if info.valid]
@@ -227,20 +254,22 @@ def summarize(run_dir: Path, metrics: MetricsCache, checkpoints: CheckpointCache
     status = run_status(run_dir, max_steps, valid[-1] if valid else None, record, started)
     last = entries[-1] if entries else {}
     recent = entries[-RECENT:]
-    seconds = sum(e.get("step_time_s") or 0.0 for e in recent)
-    samples = sum((e.get("samples_per_s") or 0.0) * (e.get("step_time_s") or 0.0) for e in recent)
+    seconds = sum(number(e.get("step_time_s")) or 0.0 for e in recent)
+    samples = sum((number(e.get("samples_per_s")) or 0.0) * (number(e.get("step_time_s")) or 0.0) for e in recent)
     step_time = seconds / len(recent) if recent else None
     rate = samples / seconds if seconds > 0 else None
     step = last.get("step", valid[-1].step if valid else 0)
     eta = (max_steps - step) * step_time if status.state == "running" and step_time and max_steps else None
-    workers = last.get("world_size") or (recipe.get("distributed") or {}).get("num_workers")
+    workers = last.get("world_size") or section(recipe, "distributed").get("num_workers")
+    workers = workers if isinstance(workers, int) and not isinstance(workers, bool) else None
     try:
         updated = max(p.stat().st_mtime for p in run_dir.iterdir())
     except (OSError, ValueError):
         updated = time.time()
     return RunSummary(
-        name=run_dir.name, family=(recipe.get("model") or {}).get("arch"), status=status.state, reason=status.reason,
-        step=step, max_steps=max_steps, last_loss=last.get("loss"), samples_per_s=rate, eta_s=eta,
+        name=run_dir.name, family=str(section(recipe, "model").get("arch") or "") or None, status=status.state,
+        reason=status.reason, step=step, max_steps=max_steps, last_loss=number(last.get("loss")),
+        samples_per_s=rate, eta_s=eta,
         workers=workers, where=where_it_runs(record, started), updated=updated, checkpoints=len(infos),
         newest_checkpoint=valid[-1].step if valid else None,
     )

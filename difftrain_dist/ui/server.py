@@ -12,6 +12,7 @@ folder or a known shard folder, nothing else (resolved paths, symbolic links inc
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,12 +24,32 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from difftrain_dist.ui import api, pages
 from difftrain_dist.ui.board import Dashboard
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 TOKEN_COOKIE = "difftrain_token"
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",  # no framing by another site (a click on Stop through an invisible frame)
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # a ?token= URL never leaves in a Referer header
+}
 
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_NAMES or host.startswith("127.")
+    """`localhost`, or an IP address of the loopback interface (127.0.0.0/8, ::1; IPv6 in
+    brackets too). Names that merely start like one (`127.0.0.1.example.com`) are not."""
+    host = host.strip()
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header value, without its port (`[::1]:8675` → `[::1]`)."""
+    if header.startswith("["):
+        return header.split("]", 1)[0] + "]"
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class Guard(BaseHTTPMiddleware):
@@ -40,9 +61,9 @@ class Guard(BaseHTTPMiddleware):
 
     async def dispatch(self, request: Request, call_next):
         if self.token is None:
-            host = (request.headers.get("host") or "").rsplit(":", 1)[0]
-            if not is_loopback(host):
-                return Response("this dashboard answers on the loopback interface only (no token set)", 403)
+            if not is_loopback(host_name(request.headers.get("host") or "")):
+                return Response("this dashboard answers on the loopback interface only (no token set)", 403,
+                                headers=SECURITY_HEADERS)
         else:
             given = _bearer(request) or request.cookies.get(TOKEN_COOKIE) or request.query_params.get("token")
             if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -52,9 +73,11 @@ class Guard(BaseHTTPMiddleware):
             origin = request.headers.get("origin")
             if origin and urlsplit(origin).netloc != request.headers.get("host"):
                 return Response("cross-origin request refused", 403)
-            if not (request.headers.get("content-type") or "").startswith("application/json"):
+            media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
                 return Response("POST a JSON body (Content-Type: application/json)", 415)
         response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
         if self.token is not None and request.query_params.get("token") == self.token:
             response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
         return response

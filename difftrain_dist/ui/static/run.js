@@ -128,7 +128,7 @@ async function refreshRun() {
   document.getElementById("where").textContent = run.where || "";
   const live = run.status === "running" || run.status === "starting";
   document.getElementById("stop").disabled = run.status !== "running";
-  document.getElementById("resume").disabled = live || run.status === "finished" || !run.checkpoints;
+  document.getElementById("resume").disabled = live || run.status === "finished" || !run.checkpoints.some((c) => c.valid);
   const key = JSON.stringify(run.checkpoints);
   if (key !== lastCheckpoints) {
     lastCheckpoints = key;

@@ -18,7 +18,8 @@ async function refreshRuns() {
   try {
     const runs = await api("/api/runs");
     const body = document.querySelector("#runs tbody");
-    if (runs.length) body.replaceChildren(...runs.map(runRow));
+    body.replaceChildren(...(runs.length ? runs.map(runRow)
+      : [el("tr", { class: "empty" }, el("td", { colSpan: 9 }, "No runs yet: ", el("a", { href: "/new" }, "start one"), "."))]));
   } catch (e) { console.warn(e); }
 }
 
