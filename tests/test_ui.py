@@ -112,6 +112,8 @@ def test_ui_beyond_loopback_makes_up_a_token_and_requires_it(tmp_path):
                              "--host", "0.0.0.0", "--port", str(port)], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "DIFFTRAIN_UI_TOKEN": ""})
     try:
+        first = proc.stderr.readline()
+        assert "does not exist yet: made it" in first, first  # --runs did not exist
         line = proc.stderr.readline()
         assert "?token=" in line, line
         token = line.split("?token=")[1].split()[0]
@@ -314,3 +316,22 @@ def test_recipes_of_odd_shapes_are_refused_with_a_reason(runs):
         odd = httpx.post(f"{url}/api/runs/r1/checkpoints/checkpoint_000000001/export", json={"dtype": {"a": 1}})
         assert odd.status_code == 400
     assert list((runs / ".difftrain-ui" / "recipes").glob("*")) == []  # nothing kept of invalid recipes
+
+
+def test_new_run_form_checks_wandb_here_and_leaves_the_stage_to_the_optimizer(runs, tiny_sd15_model, photo_shards,
+                                                                             monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = {"run": {"name": "wb"}, "model": {"arch": "sd15", "path": str(tiny_sd15_model)},
+              "data": {"shards": str(photo_shards)}, "train": {"max_steps": 2}, "logging": {"wandb": True}}
+    with serve(runs) as url:
+        answer = httpx.post(f"{url}/api/recipes/validate", json={"recipe": yaml.safe_dump(recipe)}).json()
+        assert not answer["ok"] and answer["errors"][0]["field"] == "logging.wandb"
+        assert "WANDB_API_KEY" in answer["errors"][0]["message"] and answer["errors"][0]["line"]
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        assert httpx.post(f"{url}/api/recipes/validate", json={"recipe": yaml.safe_dump(recipe)}).json()["ok"]
+        saved = yaml.safe_load((runs / "r1" / "recipe.yaml").read_text())
+        saved.update(train={"max_steps": 10, "optimizer": "adamw"}, distributed={"zero_stage": 1, "num_workers": 2})
+        (runs / "r1" / "recipe.yaml").write_text(yaml.safe_dump(saved))
+        page = httpx.get(f"{url}/new", params={"source": "r1"}).text
+        assert "name: r1-2" in page and "zero_stage" not in page and "num_workers: 2" in page

@@ -55,7 +55,7 @@ def plot_loss(run_dir: Path, out: Path | None = None, *, smoothing: float = DEFA
         lr_ax.set_ylabel("learning rate")
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         lines += lr_ax.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    ax.legend(lines, [line.get_label() for line in lines], loc="best", framealpha=0.7)
     ax.set_title(f"{run_dir.name}: {len(steps)} steps, last loss {loss[-1]:.4g}")
     out = Path(out) if out is not None else run_dir / LOSS_PLOT
     out.parent.mkdir(parents=True, exist_ok=True)

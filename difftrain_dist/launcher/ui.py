@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -36,10 +37,13 @@ def ui(
             raise ValueError(f"--runs: {runs} is a file, not a folder")
         if not is_loopback(host) and token is None:
             token = secrets.token_urlsafe(24)
+        if not runs.exists():
+            console.print(f"{runs} does not exist yet: made it (runs started here go there)")
         app = create_app(runs, token=token, data_dirs=list(data or []))
-    shown = "localhost" if is_loopback(host) else host
+    shown = "localhost" if is_loopback(host) else socket.gethostname() if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     console.print(f"dashboard over [bold]{runs.resolve()}[/bold]: {url}")
     if token and not is_loopback(host):
-        console.print("every request needs the token (the link above sets a cookie); keep the URL private")
+        console.print("every request needs the token (the link above sets a cookie); keep the URL private: "
+                      "this is plain HTTP, so the token crosses the network in clear (an SSH tunnel avoids that)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -40,8 +40,25 @@ def new_page(request: Request, source: str | None = None):
         recipe = read_recipe_yaml(board_of(request).run_dir(source))
         if isinstance(recipe.get("run"), dict):
             recipe["run"]["name"] = f"{source}-2"
+        _unset_default_stage(recipe)
         text = yaml.safe_dump(recipe, sort_keys=False)
     return page(request, "new.html", text=text, source=source)
+
+
+def _unset_default_stage(recipe: dict[str, Any]) -> None:
+    """Drop `distributed.zero_stage` when it is the optimizer's default (the saved recipe spells
+    every default out), so that changing the optimizer in the form picks that one's default."""
+    from difftrain_dist.distrib.optimizers import stages_for
+
+    distributed, train = recipe.get("distributed"), recipe.get("train")
+    if not isinstance(distributed, dict) or not isinstance(train, dict):
+        return
+    try:
+        default = 1 if 1 in stages_for(train.get("optimizer", "adamw")) else 0
+    except (KeyError, ValueError, TypeError):
+        return
+    if distributed.get("zero_stage") == default:
+        distributed.pop("zero_stage")
 
 
 @router.get("/datasets", response_class=HTMLResponse)

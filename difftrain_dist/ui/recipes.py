@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from difftrain_dist.config import Recipe, load_recipe
+from difftrain_dist.distrib.metrics import wandb_problem
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000
@@ -119,6 +120,9 @@ def check_recipe(text: str, folder: Path, runs_dir: Path, *, check_paths: bool =
     except Exception as err:  # noqa: BLE001 (a shape the loaders did not foresee: said, never a 500)
         errors = [FieldError("", _short(f"cannot read this recipe: {type(err).__name__}: {err}"))]
     else:
-        return Checked(recipe, [], file)
+        problem = wandb_problem(recipe) if check_paths else None  # local runs read this environment
+        if problem is None:
+            return Checked(recipe, [], file)
+        errors = [FieldError("logging.wandb", problem, field_line(text, "logging.wandb"))]
     file.unlink(missing_ok=True)
     return Checked(None, errors)
