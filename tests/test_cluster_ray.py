@@ -25,7 +25,6 @@ from difftrain_dist.models import read_lora_file
 
 from .procs import free_port
 from .test_train_run import run_cli
-from .ui_server import serve
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_cluster-s3cr3t-9876543210"
@@ -120,23 +119,37 @@ def test_submit_to_a_real_ray_head_trains_and_reports(tmp_path, ray_head, tiny_s
     assert unknown.returncode == 2 and "no-such-job" in unknown.stderr
 
 
-def test_the_dashboard_submits_to_a_ray_head_and_follows_the_job(tmp_path, ray_head, tiny_sd15_model, photo_shards,
-                                                                 monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
+def test_the_dashboard_submits_to_a_ray_head_and_follows_the_job(tmp_path, ray_head, tiny_sd15_model, photo_shards):
+    """`difftrain-dist ui` as a user starts it, with the cluster's token in its environment."""
     recipe = _recipe(tmp_path, tiny_sd15_model, photo_shards, "from-ui", max_steps=2)
     recipe["distributed"]["num_workers"] = 1
-    with serve(tmp_path / "runs") as url:
-        started = httpx.post(f"{url}/api/runs", json={"recipe": yaml.safe_dump(recipe), "address": ray_head,
-                                                         "python": sys.executable})
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
+    env.pop("RAY_ADDRESS", None)
+    (tmp_path / "runs").mkdir()
+    ui = subprocess.Popen([sys.executable, "-m", "difftrain_dist", "ui", "--runs", str(tmp_path / "runs"),
+                           "--port", str(port)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert "dashboard over" in ui.stderr.readline()
+        for _ in range(200):
+            with contextlib.suppress(httpx.ConnectError):
+                httpx.get(f"{url}/api/runs")
+                break
+            time.sleep(0.1)
+        started = httpx.post(f"{url}/api/runs", timeout=120,
+                             json={"recipe": yaml.safe_dump(recipe), "address": ray_head, "python": sys.executable})
         assert started.status_code == 200, started.text
         job_id = started.json()["job_id"]
         deadline = time.monotonic() + 300
-        while (row := httpx.get(f"{url}/api/runs/from-ui").json())["status"] != "finished":
+        while (row := httpx.get(f"{url}/api/runs/from-ui", timeout=60).json())["status"] != "finished":
             assert row["status"] in ("starting", "running") and time.monotonic() < deadline, row
             time.sleep(0.5)
         assert row["where"] == f"Ray job {job_id} at {ray_head}"
-        assert "LoRA written" in httpx.get(f"{url}/api/runs/from-ui/log").json()["text"]  # from the Jobs API
+        assert "LoRA written" in httpx.get(f"{url}/api/runs/from-ui/log", timeout=60).json()["text"]  # Jobs API
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(timeout=30)
     assert read_driver_record(tmp_path / "runs" / "from-ui").ray_job_id == job_id
     assert read_lora_file(tmp_path / "out" / "from-ui.safetensors")[0]
 
