@@ -26,9 +26,11 @@ def smooth(values: Sequence[float], weight: float = DEFAULT_SMOOTHING) -> list[f
     return out
 
 
-def plot_loss(run_dir: Path, out: Path | None = None, *, smoothing: float = DEFAULT_SMOOTHING) -> Path:
+def plot_loss(run_dir: Path, out: Path | None = None, *, smoothing: float = DEFAULT_SMOOTHING,
+              entries: list[dict] | None = None) -> Path:
     """Draw `run_dir/metrics.jsonl` into a PNG (default `run_dir/loss.png`, replaced atomically):
     loss per optimizer step (thin), its smoothed line (`smooth`), the learning rate on the right axis.
+    `entries`: the file's entries when the caller has read them already.
 
     Raises:
         ValueError: the run has no metrics yet, or `smoothing` is outside [0, 1).
@@ -36,7 +38,7 @@ def plot_loss(run_dir: Path, out: Path | None = None, *, smoothing: float = DEFA
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     run_dir = Path(run_dir)
-    entries = [e for e in read_metrics(run_dir) if e.get("loss") is not None]
+    entries = [e for e in (read_metrics(run_dir) if entries is None else entries) if e.get("loss") is not None]
     if not entries:
         raise ValueError(f"{run_dir} has no metrics.jsonl steps to plot yet")
     steps = [e["step"] for e in entries]

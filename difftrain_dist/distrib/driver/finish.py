@@ -48,6 +48,6 @@ def finish_run(recipe: Recipe, checkpoint: Path | None, *, stopped_early: bool) 
     lora_path = final.path / LORA_FILE
     if not preempted:
         lora_path = export_valid_checkpoint(final, recipe.run.output_dir / f"{recipe.run.name}.safetensors")
-    if read_metrics(recipe.run_dir):
-        plot_loss(recipe.run_dir)
+    if entries := [e for e in read_metrics(recipe.run_dir) if e.get("loss") is not None]:
+        plot_loss(recipe.run_dir, entries=entries)
     return TrainingResult(lora_path=lora_path, checkpoint=final.path, step=final.step, preempted=preempted)

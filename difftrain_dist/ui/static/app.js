@@ -37,14 +37,16 @@ function bytes(n) {
   return `${fmt(n, 3)} ${units[i]}`;
 }
 
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
+function el(tag, attrs = {}, ...parts) {
+  const element = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value; else if (key.startsWith("data-")) node.setAttribute(key, value);
-    else node[key] = value;
+    if (key === "class") element.className = value;
+    else if (key.startsWith("data-")) element.setAttribute(key, value);
+    else element[key] = value;
   }
-  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(child ?? ""));
-  return node;
+  // append() takes elements and strings alike; missing parts become empty text
+  element.append(...parts.map((part) => (part === null || part === undefined ? "" : part)));
+  return element;
 }
 
 // Debiased exponential moving average: TensorBoard's scalar smoothing, as distrib/lossplot.py `smooth`.
