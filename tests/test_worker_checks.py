@@ -14,8 +14,9 @@ import yaml
 from difftrain_dist.config import load_recipe
 from difftrain_dist.data_shards import ShardIndex, ShardStream
 from difftrain_dist.data_shards.index import Precomputed
-from difftrain_dist.distrib.data import check_data_fits_model, make_loader
+from difftrain_dist.distrib.data import make_loader
 from difftrain_dist.distrib.loop import frozen_setup_objects
+from difftrain_dist.distrib.preflight import check_data_fits_model
 from difftrain_dist.distrib.trainee import precomputed_text_unusable
 
 

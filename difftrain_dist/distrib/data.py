@@ -1,5 +1,5 @@
-"""The rank's data: its shard stream and loader, the batches that move the data cursor, and the
-checks that the shards suit the model."""
+"""The rank's data: its shard stream and loader, and the batches that move the data cursor (the
+check that the shards suit the model is in preflight.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from difftrain_dist.data_shards import CaptionTransform, ShardIndex, ShardStream
 from difftrain_dist.data_shards.cache import dataset_of
 from difftrain_dist.distrib.state import TrainState
 from difftrain_dist.distrib.trainee import precomputed_text_unusable
-from difftrain_dist.models import get_adapter
 
 log = logging.getLogger("difftrain_dist")
 
@@ -73,22 +72,6 @@ def cursor_batches(loader: DataLoader, state: TrainState, batches_per_epoch: int
     for batch in loader:
         state.advance(batch["epoch"], batch["batch_in_epoch"], len(batch["captions"]), batches_per_epoch)
         yield batch
-
-
-def check_data_fits_model(recipe: Recipe, index: ShardIndex) -> None:
-    """Before anything starts: the shards suit the model. Raises ValueError when they were
-    precomputed for another architecture, or hold a bucket whose sides the architecture cannot
-    take (SD3 and FLUX need multiples of 16 px: 2×2 latent patches)."""
-    arch = recipe.model.arch
-    pre = index.precomputed
-    if pre is not None and pre.arch != arch:
-        raise ValueError(f"data.shards: {recipe.data.shards} was precomputed for arch {pre.arch!r}, but model.arch "
-                         f"is {arch!r}; run `difftrain-dist shards precompute {recipe.data.shards} MODEL` again")
-    multiple = get_adapter(arch).pixel_multiple
-    bad = [name for name in index.bucket_names if any(int(side) % multiple for side in name.split("x"))]
-    if bad:
-        raise ValueError(f"data.shards: buckets {bad} have sides that are not multiples of {multiple} px, which "
-                         f"{arch} needs; rebuild the shards with --bucket-step {max(multiple, 64)}")
 
 
 def report_precomputed_use(recipe: Recipe, index: ShardIndex) -> None:

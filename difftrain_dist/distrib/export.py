@@ -11,16 +11,11 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from difftrain_dist import models
 from difftrain_dist.distrib.checkpoint import LORA_FILE, CheckpointInfo, deepspeed_tag, inspect_checkpoint
 from difftrain_dist.distrib.ema import EMA_FILE
 from difftrain_dist.distrib.engine import DTYPES
-from difftrain_dist.models import (
-    MODELSPEC_PREDICTION_TYPES,
-    get_adapter,
-    save_lora_file,
-    strip_adapter_name,
-    training_metadata,
-)
+from difftrain_dist.models.families import get_family
 
 FORMATS = ("diffusers", "kohya")
 
@@ -32,8 +27,8 @@ def lora_file_metadata(recipe: dict[str, Any], lora_config: dict[str, Any], step
     `difftrain.ema_decay` (the file then holds the moving average)."""
     prediction_type = recipe["model"].get("prediction_type")
     ema_decay = recipe.get("train", {}).get("ema_decay")
-    return {**training_metadata(
-        prediction_type=MODELSPEC_PREDICTION_TYPES[prediction_type] if prediction_type else None,
+    return {**models.training_metadata(
+        prediction_type=models.MODELSPEC_PREDICTION_TYPES[prediction_type] if prediction_type else None,
         arch=recipe["model"]["arch"],
         base_model=recipe["model"]["path"],
         rank=lora_config["r"],
@@ -63,7 +58,7 @@ def write_checkpoint_lora(trainee, recipe, step: int, local_dir: Path, *, write:
         configs = trainee.lora_config_dicts()
         adapter = trainee.adapter
         with trainee.ema.swapped_in() if trainee.ema is not None else contextlib.nullcontext():
-            save_lora_file(
+            models.save_lora_file(
                 local_dir / LORA_FILE,
                 module.lora_state_dict(),
                 lora_configs=configs,
@@ -103,7 +98,7 @@ def _consolidated_lora_weights(ckpt_dir: Path, step: int, zero_stage: int) -> di
             str(ckpt_dir), tag=tag, exclude_frozen_parameters=True
         )
     lora = {k: v.float().contiguous() for k, v in weights.items() if ".lora_" in k}
-    return strip_adapter_name(lora)
+    return models.strip_adapter_name(lora)
 
 
 def export_checkpoint(ckpt_dir: Path, out_path: Path, fmt: str | None = None, dtype: str | None = None) -> Path:
@@ -151,26 +146,28 @@ def export_valid_checkpoint(info: CheckpointInfo, out_path: Path, fmt: str | Non
     """
     manifest = info.manifests[0]
     recipe = manifest.recipe
-    adapter = get_adapter(recipe["model"]["arch"])
-    fmt = fmt or adapter.lora_file_format
-    if fmt == "kohya" and not adapter.kohya_prefixes:
-        raise ValueError(f"--format kohya: not available for {adapter.arch}: diffusers has no loader for "
-                         f"kohya-style {adapter.arch} files; use --format diffusers (ComfyUI loads it as well)")
+    family = get_family(recipe["model"]["arch"])
+    fmt = fmt or family.lora_file_format
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     saved = info.path / LORA_FILE
     saved_dtype = recipe.get("checkpoint", {}).get("lora_dtype", "float32")
     dtype = dtype or saved_dtype
-    if fmt == adapter.lora_file_format and dtype == saved_dtype and saved.is_file() and not from_shards:
+    if fmt == family.lora_file_format and dtype == saved_dtype and saved.is_file() and not from_shards:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
         partial = out_path.with_name(out_path.name + ".partial")
         shutil.copyfile(saved, partial)
         partial.replace(out_path)
         return out_path
+    adapter = models.get_adapter(family.name)  # a conversion: the family's key layout (imports diffusers)
+    if fmt == "kohya" and not adapter.kohya_prefixes:
+        raise ValueError(f"--format kohya: not available for {adapter.arch}: diffusers has no loader for "
+                         f"kohya-style {adapter.arch} files; use --format diffusers (ComfyUI loads it as well)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     weights = _consolidated_lora_weights(info.path, info.step, manifest.zero_stage)
     if not weights:
         raise ValueError(f"checkpoint {info.path} holds no LoRA weights")
     configs = manifest.lora_configs
-    return save_lora_file(
+    return models.save_lora_file(
         out_path,
         weights,
         lora_configs=configs,

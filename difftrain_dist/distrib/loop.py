@@ -20,13 +20,13 @@ import torch.distributed as dist
 from difftrain_dist.config import Recipe
 from difftrain_dist.distrib.checkpointer import Checkpointer
 from difftrain_dist.distrib.data import (
-    check_data_fits_model,
     cursor_batches,
     make_loader,
     make_stream,
     report_precomputed_use,
 )
 from difftrain_dist.distrib.metrics import MetricsReporter
+from difftrain_dist.distrib.preflight import check_data_fits_model
 from difftrain_dist.distrib.sampler import Sampler
 from difftrain_dist.distrib.session import WorkerSession
 from difftrain_dist.distrib.state import TrainState

@@ -66,8 +66,8 @@ class DiffusionAdapter(abc.ABC):
     """Default guidance scale when rendering samples."""
     vae_scale_factor: ClassVar[int] = 8
     """Pixels per latent pixel along each side."""
-    pixel_multiple: ClassVar[int] = 8
-    """Image sides must be multiples of this many pixels (16 where latents are cut in 2×2 patches)."""
+    pixel_multiple: ClassVar[int]
+    """Image sides must be multiples of this many pixels (the family's `pixel_multiple`)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -77,6 +77,7 @@ class DiffusionAdapter(abc.ABC):
             raise TypeError(f"{path}: no record of the table of families (families.py) names this adapter")
         cls.arch = cls.family.name
         cls.lora_file_format = cls.family.lora_file_format
+        cls.pixel_multiple = cls.family.pixel_multiple
         if cls.pipeline_class.__name__ != cls.family.pipeline_class_name:
             raise TypeError(f"{cls.__name__}: pipeline_class {cls.pipeline_class.__name__} is not the "
                             f"family's {cls.family.pipeline_class_name}")

@@ -45,6 +45,9 @@ class Family:
     "flux-schnell" FLUX.1-schnell)."""
     adapter_path: str
     """"module:Class" of the adapter."""
+    pixel_multiple: int = 8
+    """Image sides must be multiples of this many pixels (16 where the latents are cut in 2×2
+    patches: SD3 and FLUX)."""
     aitoolkit_archs: tuple[str, ...] = ()
     """ai-toolkit's `model.arch` names of the family (toolkit/config_modules.py ModelConfig)."""
     aitoolkit_flag: str | None = None
@@ -82,14 +85,15 @@ FAMILIES: dict[str, Family] = {
                text_encoder_lora=False, optional_t5=True, lora_file_format="diffusers",
                kohya_base_version="sd3", modelspec_architecture="stable-diffusion-3",
                tiny_variants={"sd3": f"{_TINY}.sd3:build_sd3"},
-               adapter_path="difftrain_dist.models.sd3:SD3Adapter", aitoolkit_archs=("sd3",),
+               adapter_path="difftrain_dist.models.sd3:SD3Adapter", pixel_multiple=16, aitoolkit_archs=("sd3",),
                aitoolkit_flag="is_v3"),
         Family("flux", "FluxPipeline", "flow_matching",
                text_encoder_lora=False, optional_t5=False, lora_file_format="diffusers",
                kohya_base_version="flux1", modelspec_architecture="flux-1-dev",
                tiny_variants={"flux": f"{_TINY}.flux:build_flux_dev",
                               "flux-schnell": f"{_TINY}.flux:build_flux_schnell"},
-               adapter_path="difftrain_dist.models.flux:FluxAdapter", aitoolkit_archs=("flux", "flex1"),
+               adapter_path="difftrain_dist.models.flux:FluxAdapter", pixel_multiple=16,
+               aitoolkit_archs=("flux", "flex1"),
                aitoolkit_flag="is_flux"),
     )
 }

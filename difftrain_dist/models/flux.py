@@ -30,7 +30,6 @@ class FluxAdapter(DiffusionAdapter):
     # "lora_transformer_<diffusers path>" (OneTrainer's layout): ComfyUI maps it for FLUX, and
     # diffusers' FluxLoraLoaderMixin converts it (_convert_kohya_flux_lora_to_diffusers).
     kohya_prefixes = {"transformer": "lora_transformer"}
-    pixel_multiple = 16  # 2x2 latent patches
     pipeline_class = FluxPipeline
     component_loaders = {
         "tokenizer": CLIPTokenizer,

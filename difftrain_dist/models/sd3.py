@@ -31,7 +31,6 @@ class SD3Adapter(DiffusionAdapter):
     default_lora_targets = MMDIT_ATTENTION_TARGETS
     # No kohya layout: diffusers has no converter for kohya-style SD3 files, so none is written.
     kohya_prefixes = {}
-    pixel_multiple = 16  # 2x2 latent patches
     pipeline_class = StableDiffusion3Pipeline
     component_loaders = {
         "tokenizer": CLIPTokenizer,

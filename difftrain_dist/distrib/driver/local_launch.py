@@ -10,10 +10,10 @@ import torch.distributed as dist
 
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
-from difftrain_dist.distrib.data import check_data_fits_model
 from difftrain_dist.distrib.driver.datasets import build_datasets
 from difftrain_dist.distrib.driver.finish import finish_run
 from difftrain_dist.distrib.loop import train_worker
+from difftrain_dist.distrib.preflight import check_data_fits_model
 from difftrain_dist.distrib.session import LocalSession
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}

@@ -25,11 +25,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
 from difftrain_dist.distrib.checkpoint import choose_checkpoint, set_aside_skipped
-from difftrain_dist.distrib.data import check_data_fits_model
 from difftrain_dist.distrib.driver.finish import TrainingResult, finish_run
 from difftrain_dist.distrib.driver.progress import ProgressBoard, ProgressDisplay, logs_to_board, say
-from difftrain_dist.distrib.loop import train_worker
 from difftrain_dist.distrib.metrics import WANDB_ENV, wandb_problem
+from difftrain_dist.distrib.preflight import check_data_fits_model
 from difftrain_dist.distrib.session import STOP_SIGNALS
 from difftrain_dist.quiet import quiet_env
 
@@ -67,6 +66,10 @@ class RaySession:
 
 
 def _ray_train_loop(config: dict[str, Any]) -> None:
+    # The worker's stack (diffusers, peft, DeepSpeed) is imported here, on the workers: the driver
+    # never needs it, and importing it there cost every run seconds before Ray even started.
+    from difftrain_dist.distrib.loop import train_worker
+
     recipe = Recipe.model_validate(config["recipe"])
     board = config["board"]
     with logs_to_board(board, ray.train.get_context().get_world_rank()):
@@ -96,6 +99,29 @@ def init_ray(address: str | None, num_cpus_needed: float) -> None:
     num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999))
     with ray_processes_in_own_session():
         ray.init(address="local", num_cpus=num_cpus, _temp_dir=tempfile.gettempdir() + "/ray", **common)
+
+
+EMBEDDED_TRAIN_ENV = {
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # Prometheus metrics: an embedded cluster has no scraper
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one node that is never drained
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the controller sees the workers end sooner (default 2)
+}
+"""Ray Train settings for a run on an embedded cluster (ray/train/v2/_internal/constants.py):
+two helper actors fewer, each a process that costs seconds of start-up. A value the user set wins."""
+
+
+@contextlib.contextmanager
+def embedded_train_env(embedded: bool) -> Iterator[None]:
+    """While inside, and only when `embedded`: `EMBEDDED_TRAIN_ENV` in the environment, where
+    Ray Train reads it (the driver, and the controller it passes the variables to). A cluster
+    run keeps Ray's defaults."""
+    added = {k: v for k, v in EMBEDDED_TRAIN_ENV.items() if k not in os.environ} if embedded else {}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -263,6 +289,16 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     for line in set_aside_skipped(skipped):
         say(line)
     embedded = starts_embedded_cluster(recipe.distributed.address)
+    with embedded_train_env(embedded):
+        result, signals = _fit_on_ray(recipe, embedded, show_progress)
+    # Ray's last reported checkpoint, by name in our run folder (Ray may spell the path otherwise)
+    last = recipe.run_dir / Path(result.checkpoint.path).name if result.checkpoint else None
+    return finish_run(recipe, last, stopped_early=bool(signals))
+
+
+def _fit_on_ray(recipe: Recipe, embedded: bool, show_progress: bool) -> tuple[ray.train.Result, list[int]]:
+    """Join or start the cluster, run the job, end an `embedded` cluster whatever happens; returns
+    Ray's result and the stop signals seen."""
     try:
         init_ray(recipe.distributed.address, recipe.distributed.num_workers * recipe.distributed.cpus_per_worker)
         save_run_recipe(recipe)
@@ -278,6 +314,4 @@ def run_training(recipe: Recipe, *, show_progress: bool = True) -> TrainingResul
     finally:
         if embedded:  # also when ray.init itself was interrupted half way
             ray.shutdown(wait_for_processes=True)
-    # Ray's last reported checkpoint, by name in our run folder (Ray may spell the path otherwise)
-    last = recipe.run_dir / Path(result.checkpoint.path).name if result.checkpoint else None
-    return finish_run(recipe, last, stopped_early=bool(signals))
+    return result, signals
