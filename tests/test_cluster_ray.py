@@ -44,10 +44,11 @@ def _recipe(tmp_path: Path, model: Path, shards: Path, name: str, **train) -> di
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` on 127.0.0.1 in its own process group; yields the Jobs API URL.
-    (Its temp dir is short: Ray's unix socket paths must fit in 107 bytes.)"""
+    """`ray start --head --block` on 127.0.0.1 in its own process group, one for the module's
+    tests (each submits jobs of its own names); yields the Jobs API URL. (Its temp dir is short:
+    Ray's unix socket paths must fit in 107 bytes.)"""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
@@ -78,7 +79,7 @@ def ray_head():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
