@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
+from typer.testing import CliRunner, Result
 
 from difftrain_dist.distrib.checkpoint import checkpoint_name, inspect_checkpoint
+from difftrain_dist.launcher.app import app
 
 RUN_MARK = "DIFFTRAIN_TEST_RUN"
 """Environment variable that tags every process of one test run (the driver and all the Ray
@@ -45,6 +48,15 @@ def kept_signal_handlers() -> Iterator[None]:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "difftrain_dist", *args]
+
+
+def cli_here(*args: str, cwd: Path | None = None) -> Result:
+    """`difftrain-dist ARGS…` in this process (typer's CliRunner), for commands that start no run
+    (export, sample, …): `.exit_code`, `.stdout`, `.stderr`."""
+    with pytest.MonkeyPatch.context() as patch:
+        if cwd is not None:
+            patch.chdir(cwd)
+        return CliRunner().invoke(app, list(args))
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

@@ -1,5 +1,7 @@
-"""Short 2-worker Ray runs for SDXL, SD3 and FLUX tiny models, each with a different set of
-options, then the LoRA files and sample grids a user gets are checked with diffusers."""
+"""Short 2-rank runs for SDXL, SD3 and FLUX tiny models, each with a different set of options, in
+the in-process gloo tier (one pair of ranks trains all three); then the LoRA files, sample grids
+and `export` a user gets are checked with diffusers. (`difftrain-dist train` on Ray is proven
+end to end by test_train_run.py and test_aitoolkit.py.)"""
 
 from __future__ import annotations
 
@@ -7,14 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+import torch.distributed as dist
 from PIL import Image
 
+from difftrain_dist.config import recipe_from_dict
+from difftrain_dist.distrib.driver.finish import finish_run
+from difftrain_dist.distrib.loop import train_worker
+from difftrain_dist.distrib.session import LocalSession
 from difftrain_dist.models import get_adapter, read_lora_file
 
-from .test_train_run import run_cli
-
-pytestmark = pytest.mark.slow
+from .gloo import run_ranks
+from .procs import cli_here
 
 RUNS = {
     # SDXL: text-encoder LoRA on both CLIPs, gradient checkpointing, samples every 3 steps.
@@ -37,24 +42,41 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("arch", sorted(RUNS))
-def test_two_worker_run_per_architecture(arch, tmp_path: Path, tiny_model, photo_shards) -> None:
-    options, components, export_format, export_prefixes = RUNS[arch]
-    model = tiny_model(arch)
-    recipe = _merge({
-        "run": {"name": arch, "seed": 3, "output_dir": "out", "storage_path": "runs"},
-        "model": {"arch": arch, "path": str(model)},
-        "lora": {"rank": 4, "alpha": 8},
-        "data": {"shards": str(photo_shards), "resolution": 64, "micro_batch_size": 1},
-        "train": {"max_steps": 3, "lr": 1e-2},
-        "distributed": {"num_workers": 2, "zero_stage": 2},
-        "checkpoint": {"every_n_steps": 3},
-        "sample": {"every_n_steps": 3, "prompts": ["a photo of a cat", "a red door"], "num_inference_steps": 2},
-    }, options)
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    proc = run_cli("train", "recipe.yaml", "--no-progress", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def _train_and_finish(raws: list[dict]) -> None:
+    """On each rank: train every recipe, then rank 0 writes its LoRA file (as a run's driver does)."""
+    for raw in raws:
+        recipe = recipe_from_dict(raw)
+        result = train_worker(recipe, LocalSession())
+        dist.barrier()
+        if dist.get_rank() == 0:
+            finish_run(recipe, result.checkpoint, stopped_early=result.stopped_early)
+        dist.barrier()
 
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, tiny_model, photo_shards) -> dict[str, Path]:
+    """Folder of each architecture's run (runs/ARCH, out/ARCH.safetensors), trained on 2 ranks."""
+    homes, raws = {}, []
+    for arch, (options, *_) in sorted(RUNS.items()):
+        homes[arch] = home = tmp_path_factory.mktemp(f"family-{arch}")
+        raws.append(_merge({
+            "run": {"name": arch, "seed": 3, "output_dir": str(home / "out"), "storage_path": str(home / "runs")},
+            "model": {"arch": arch, "path": str(tiny_model(arch))},
+            "lora": {"rank": 4, "alpha": 8},
+            "data": {"shards": str(photo_shards), "resolution": 64, "micro_batch_size": 1},
+            "train": {"max_steps": 3, "lr": 1e-2},
+            "distributed": {"num_workers": 2, "zero_stage": 2},
+            "checkpoint": {"every_n_steps": 3},
+            "sample": {"every_n_steps": 3, "prompts": ["a photo of a cat", "a red door"], "num_inference_steps": 2},
+        }, options))
+    run_ranks(_train_and_finish, 2, raws)
+    return homes
+
+
+@pytest.mark.parametrize("arch", sorted(RUNS))
+def test_two_worker_run_per_architecture(arch, family_runs, tiny_model) -> None:
+    _, components, export_format, export_prefixes = RUNS[arch]
+    model, tmp_path = tiny_model(arch), family_runs[arch]
     adapter = get_adapter(arch)
     lora_file = tmp_path / "out" / f"{arch}.safetensors"
     tensors, _ = read_lora_file(lora_file)
@@ -72,8 +94,8 @@ def test_two_worker_run_per_architecture(arch, tmp_path: Path, tiny_model, photo
 
     exported = tmp_path / f"{arch}-{export_format}.safetensors"
     checkpoint = tmp_path / "runs" / arch / "checkpoint_000000003"
-    proc = run_cli("export", str(checkpoint), "--output", str(exported), "--format", export_format, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli_here("export", str(checkpoint), "--output", str(exported), "--format", export_format)
+    assert proc.exit_code == 0, proc.output[-3000:]
     exported_tensors, _ = read_lora_file(exported)
     assert all(key.startswith(export_prefixes) for key in exported_tensors)
 

@@ -18,7 +18,7 @@ from difftrain_dist.distrib.export import export_valid_checkpoint
 from difftrain_dist.models import read_lora_file
 
 from .lora_checks import hand_merged_unet, outputs_without_and_with_lora, unet_output
-from .procs import torchrun
+from .procs import cli_here, torchrun
 
 pytestmark = pytest.mark.slow
 # fp32 on CPU: LoRA applied by diffusers vs merged into the weights differ by summation order only.
@@ -108,14 +108,14 @@ def test_export_diffusers_layout_and_sample_cli(trained_run, tiny_sd15_model):
     assert default and all(k.startswith("lora_unet_") for k in default)
     assert any(k.endswith(".alpha") for k in default)
     ckpt = work / "runs" / "tiny" / "checkpoint_000000004"
-    proc = run_cli("export", str(ckpt), "-o", "tiny_peft.safetensors", "--format", "diffusers", cwd=work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli_here("export", str(ckpt), "-o", "tiny_peft.safetensors", "--format", "diffusers", cwd=work)
+    assert proc.exit_code == 0, proc.stderr[-3000:]
     tensors, _ = read_lora_file(work / "tiny_peft.safetensors")
     assert tensors and all(k.startswith("unet.") and ".lora_" in k for k in tensors)
     for lora in ("out/tiny.safetensors", "tiny_peft.safetensors"):
-        proc = run_cli("sample", str(tiny_sd15_model), "a photo of a cat", "--lora", lora,
-                       "--steps", "2", "--resolution", "64", "--out", f"{lora}.png", cwd=work)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = cli_here("sample", str(tiny_sd15_model), "a photo of a cat", "--lora", lora,
+                        "--steps", "2", "--resolution", "64", "--out", f"{lora}.png", cwd=work)
+        assert proc.exit_code == 0, proc.stderr[-3000:]
     from PIL import Image
 
     a = Image.open(work / "out/tiny.safetensors.png")
@@ -179,6 +179,6 @@ def test_export_refuses_bad_paths(trained_run):
              (["export", str(work / "runs" / "tiny" / "checkpoint_000000099"), "-o", "x.safetensors"],
               "no checkpoint folder")]
     for args, message in cases:
-        proc = run_cli(*args, cwd=work)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        proc = cli_here(*args, cwd=work)
+        assert proc.exit_code == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert inspect_checkpoint(ckpt).valid
