@@ -123,12 +123,13 @@ class Output:
 
 
 def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> dict:
-    """Poll until checkpoint `step` is complete; returns its rank_1.json."""
-    manifest = run_dir / checkpoint_name(step) / "rank_1.json"
+    """Poll until checkpoint `step` is complete; returns the manifest of its last rank."""
+    folder = run_dir / checkpoint_name(step)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if inspect_checkpoint(run_dir / checkpoint_name(step)).valid if manifest.exists() else False:
-            return json.loads(manifest.read_text())
+        manifests = sorted(folder.glob("rank_*.json"), key=lambda p: int(p.stem.partition("_")[2]))
+        if manifests and inspect_checkpoint(folder).valid:
+            return json.loads(manifests[-1].read_text())
         assert proc.poll() is None, f"run ended before checkpoint {step}"
         time.sleep(0.05)
     raise TimeoutError(f"no checkpoint {step} after {timeout} s")
