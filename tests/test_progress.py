@@ -31,7 +31,7 @@ def test_the_log_handler_sends_warnings_and_resume_records_only():
             self.lines.append(line)
 
     board = Board()
-    handler = BoardLogHandler(board, rank=0)
+    handler = BoardLogHandler(board.note.remote, rank=0)
     logger = logging.getLogger("difftrain_dist.test_progress")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

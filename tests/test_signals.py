@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from difftrain_dist.distrib.checkpoint import list_checkpoints
-from difftrain_dist.distrib.driver.ray_job import init_ray
+from difftrain_dist.distrib.driver.ray_cluster import init_ray
 from difftrain_dist.distrib.session import LocalSession
 
 from .procs import (

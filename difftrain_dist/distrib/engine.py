@@ -38,6 +38,25 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     return config
 
 
+UNUSED_OPS = ("deepspeed_shm_comm",)
+"""DeepSpeed ops that its communication backend builds when it starts, though training never
+calls them: on the CPU accelerator `TorchBackend` compiles `deepspeed_shm_comm` (C++, tens of
+seconds and two compiler processes of 1.5 GB, into the torch extensions cache that every
+installation shares, so that another installation's build makes it compile again) for
+`inference_all_reduce` only, the all-reduce of tensor-parallel inference (deepspeed/comm/torch.py,
+`build_shm_op`). Marked incompatible, they are not built; every collective of training goes
+through torch.distributed as before."""
+
+
+def skip_unused_ops() -> None:
+    """Mark UNUSED_OPS incompatible in DeepSpeed's op table (before `deepspeed.init_distributed`)."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process, then kept
+    for name in UNUSED_OPS:
+        compatible[name] = False
+
+
 def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
     """Wrap the LoRA-injected denoiser in a DeepSpeed engine with the recipe's optimizer and lr
     schedule (optimizers.py) on its trainable parameters.
@@ -49,6 +68,7 @@ def build_engine(denoiser: torch.nn.Module, recipe: Recipe):
     """
     import deepspeed
 
+    skip_unused_ops()
     deepspeed.init_distributed(dist_backend="nccl" if recipe.distributed.use_gpu else "gloo")
     train = recipe.train
     params = [p for p in denoiser.parameters() if p.requires_grad]

@@ -15,8 +15,6 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch.distributed as dist
-
 
 class WorkerSession(Protocol):
     """What the train loop needs from its launcher."""
@@ -88,6 +86,8 @@ class LocalSession:
         return socket.gethostname()
 
     def persist_checkpoint(self, local_dir: Path, run_dir: Path, name: str, metrics: dict[str, Any]) -> None:
+        import torch.distributed as dist  # only on a rank: the driver imports this module for its names
+
         shutil.copytree(local_dir, run_dir / name, dirs_exist_ok=True)
         shutil.rmtree(local_dir, ignore_errors=True)
         if dist.is_initialized():

@@ -18,6 +18,8 @@ AddressOption = Annotated[
     str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local one).")
 ]
 ProgressOption = Annotated[bool, typer.Option(help="Show live step / loss / samples/s / ETA.")]
+VerboseOption = Annotated[bool, typer.Option(
+    "--verbose", help="Show Ray's and the workers' own log output here too (always in Ray's log files).")]
 
 
 def train(
@@ -25,6 +27,7 @@ def train(
     set_: SetOption = None,
     address: AddressOption = None,
     progress: ProgressOption = True,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train a LoRA; the file ends up in `<run.output_dir>/<run.name>.safetensors`.
 
@@ -37,7 +40,7 @@ def train(
         overrides.append(f"distributed.address={address}")
     with user_errors():
         cfg = load_recipe(recipe, overrides)
-    run(cfg, progress)
+    run(cfg, progress, verbose)
 
 
 def resume(
@@ -45,6 +48,7 @@ def resume(
     set_: SetOption = None,
     address: AddressOption = None,
     progress: ProgressOption = True,
+    verbose: VerboseOption = False,
 ) -> None:
     """Continue a run from its newest valid checkpoint with the recipe it was started with
     (`RUN_DIR/recipe.yaml`); `--set` may change e.g. train.max_steps or distributed.num_workers."""
@@ -59,15 +63,15 @@ def resume(
             raise ValueError("resume continues RUN_DIR itself: run.name and run.storage_path cannot be --set")
         cfg = load_recipe(run_dir / "recipe.yaml", overrides,
                           replace={"run.storage_path": str(run_dir.parent), "run.name": run_dir.name})
-    run(cfg, progress)
+    run(cfg, progress, verbose)
 
 
-def run(cfg: Recipe, progress: bool) -> None:
+def run(cfg: Recipe, progress: bool, verbose: bool = False) -> None:
     """Run a validated recipe and report the result; exit 75 when stopped by a signal, 130 when
     aborted by a second one. While it runs this process is the run's driver (`RUN/driver.json`,
     which also records how it ended)."""
     from difftrain_dist.distrib.driver.datasets import build_datasets
-    from difftrain_dist.distrib.driver.ray_job import run_training
+    from difftrain_dist.distrib.driver.launch import run_training
     from difftrain_dist.distrib.driver.record import driving
 
     aborted = (f"the step in flight was not saved; run the same command again or "
@@ -79,7 +83,7 @@ def run(cfg: Recipe, progress: bool) -> None:
             f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "
             f"ZeRO-{cfg.distributed.zero_stage}, {cfg.train.max_steps} steps, checkpoints in {cfg.run_dir}"
         )
-        result = run_training(cfg, show_progress=progress)
+        result = run_training(cfg, show_progress=progress, verbose=verbose)
         record.step = result.step
         if result.preempted:
             record.outcome, record.reason = "stopped", f"stopped by a signal at step {result.step}"

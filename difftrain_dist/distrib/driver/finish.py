@@ -7,7 +7,6 @@ from pathlib import Path
 
 from difftrain_dist.config import Recipe
 from difftrain_dist.distrib.checkpoint import LORA_FILE, find_resume_checkpoint, inspect_checkpoint
-from difftrain_dist.distrib.export import export_valid_checkpoint
 from difftrain_dist.distrib.lossplot import plot_loss
 from difftrain_dist.distrib.metrics import read_metrics
 
@@ -36,6 +35,8 @@ def finish_run(recipe: Recipe, checkpoint: Path | None, *, stopped_early: bool) 
     Raises:
         RuntimeError: the run left no valid checkpoint.
     """
+    from difftrain_dist.distrib.export import export_valid_checkpoint  # torch: not on a driver that only reads results
+
     if checkpoint is None:
         final, _ = find_resume_checkpoint(recipe.run_dir, recipe.recipe_hash())
         if final is None:

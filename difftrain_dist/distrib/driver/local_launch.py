@@ -1,4 +1,5 @@
-"""Run the worker loop without Ray: one process per rank, started by torchrun or srun."""
+"""Run the worker loop in a process group from the environment: one process per rank, started by
+torchrun or srun, or one actor per rank on the embedded Ray cluster."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch.distributed as dist
 from difftrain_dist.config import Recipe
 from difftrain_dist.data_shards import ShardIndex
 from difftrain_dist.distrib.driver.datasets import build_datasets
-from difftrain_dist.distrib.driver.finish import finish_run
+from difftrain_dist.distrib.driver.finish import TrainingResult, finish_run
 from difftrain_dist.distrib.loop import train_worker
 from difftrain_dist.distrib.preflight import check_data_fits_model
-from difftrain_dist.distrib.session import LocalSession
+from difftrain_dist.distrib.session import LocalSession, WorkerSession
 
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
 
@@ -39,6 +40,23 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         ValueError: the rendezvous variables are missing.
     """
     _env_from_slurm()
+    done, stopped_early = train_rank(recipe, LocalSession(), build_data=True)
+    if done is None:
+        return None, stopped_early
+    return done.lora_path, done.preempted
+
+
+def train_rank(recipe: Recipe, session: WorkerSession, *, build_data: bool) -> tuple[TrainingResult | None, bool]:
+    """Join the process group the environment names (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+    `MASTER_PORT`, and `LOCAL_RANK` for the GPU), train this rank, and on rank 0 end the run
+    (`finish_run`). `build_data`: rank 0 builds the recipe's image folders into shards first.
+
+    Returns:
+        (rank 0's TrainingResult, None on other ranks; whether a stop ended the loop early).
+
+    Raises:
+        ValueError: the rendezvous variables are missing.
+    """
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise ValueError(f"run under torchrun or srun: environment lacks {', '.join(missing)}")
@@ -46,14 +64,14 @@ def run_local_worker(recipe: Recipe) -> tuple[Path | None, bool]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend="nccl" if recipe.distributed.use_gpu else "gloo")
     try:
-        shared_datasets(recipe)
+        if build_data:
+            shared_datasets(recipe)
         check_data_fits_model(recipe, ShardIndex.load(recipe.data.shards))
-        result = train_worker(recipe, LocalSession())
+        result = train_worker(recipe, session)
         dist.barrier()
         if dist.get_rank() != 0:
             return None, result.stopped_early
-        done = finish_run(recipe, result.checkpoint, stopped_early=result.stopped_early)
-        return done.lora_path, done.preempted
+        return finish_run(recipe, result.checkpoint, stopped_early=result.stopped_early), result.stopped_early
     finally:
         dist.destroy_process_group()
 

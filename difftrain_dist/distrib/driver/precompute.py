@@ -95,7 +95,7 @@ class ShardEncoder:
 def precompute_shards(shards_dir: str | os.PathLike[str], model_path: str, *, arch: str,
                       num_workers: int | None = None) -> list[ShardResult]:
     """Encode every shard of `shards_dir` on a pool of Ray actors and record the sidecars in its
-    index.json (`precomputed` block). Ray must be initialised (see ray_job.init_ray).
+    index.json (`precomputed` block). Ray must be initialised (see ray_cluster.init_ray).
 
     Args:
         shards_dir: folder holding index.json (or the file itself).
@@ -141,7 +141,7 @@ def run_precompute(shards_dir: str | os.PathLike[str], model_path: str, *, arch:
                    address: str | None = None, num_workers: int | None = None) -> list[ShardResult]:
     """`precompute_shards` on the cluster at `address` (or RAY_ADDRESS), else on an embedded local
     one that is shut down afterwards."""
-    from difftrain_dist.distrib.driver.ray_job import init_ray
+    from difftrain_dist.distrib.driver.ray_cluster import init_ray
 
     ShardIndex.load(shards_dir)  # fail on a bad folder or arch before starting a cluster
     get_adapter(arch)
