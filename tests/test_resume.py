@@ -27,7 +27,7 @@ from .test_gloo import tensorboard_series
 
 pytestmark = pytest.mark.slow
 EXACT = 1e-6
-MAX_STEPS, EVERY = 12, 3
+MAX_STEPS, EVERY = 24, 6  # a stop after the first checkpoint comes long before the last step
 
 
 def recipe_dict(model: Path, shards: Path, storage: Path, **train) -> dict:
@@ -70,7 +70,7 @@ def reference(tmp_path_factory, tiny_sd15_model, photo_shards) -> Path:
     env, mark = marked_env()
     run(cli("train", "r.yaml", "--no-progress"), storage, env=env)
     assert_no_processes_left(mark)  # the embedded Ray cluster ends with the run
-    assert [c.step for c in list_checkpoints(storage / "rs") if c.valid] == [3, 6, 9, 12]
+    assert [c.step for c in list_checkpoints(storage / "rs") if c.valid] == list(range(EVERY, MAX_STEPS + 1, EVERY))
     return storage
 
 
@@ -134,22 +134,23 @@ def test_killed_worker_group_restarts_from_a_checkpoint_the_driver_names_and_res
 def test_corrupt_checkpoints_are_skipped_and_kept_and_resume_is_exact(reference, tmp_path):
     run_dir = tmp_path / "rs"
     shutil.copytree(reference / "rs", run_dir)
-    shard = next((run_dir / checkpoint_name(12)).rglob("zero_pp_rank_1_*optim_states.pt"))
+    last, before, second = (checkpoint_name(n * EVERY) for n in (4, 3, 2))
+    shard = next((run_dir / last).rglob("zero_pp_rank_1_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated shard
-    (run_dir / checkpoint_name(9) / "rank_1.json").unlink()  # a rank never finished saving
-    for manifest in (run_dir / checkpoint_name(6)).glob("rank_*.json"):  # written under another recipe
+    (run_dir / before / "rank_1.json").unlink()  # a rank never finished saving
+    for manifest in (run_dir / second).glob("rank_*.json"):  # written under another recipe
         manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "recipe_hash": "0" * 64}))
     proc = run(cli("resume", str(run_dir), "--no-progress", "--set", f"run.output_dir={tmp_path / 'out'}"),
                tmp_path)
     lines = driver_lines(proc.stderr)  # said by the driver, once, not only in a worker's log line
-    for name, reason in [(checkpoint_name(12), "step_000000012/zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt"),
-                         (checkpoint_name(9), "missing rank_1.json"), (checkpoint_name(6), "recipe hash differs")]:
+    for name, reason in [(last, f"step_{4 * EVERY:09d}/zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt"),
+                         (before, "missing rank_1.json"), (second, "recipe hash differs")]:
         said = [line for line in lines if line.startswith(f"skipping {name}: ")]
         assert len(said) == 1 and said[0].startswith(f"skipping {name}: {reason}"), proc.stderr[-6000:]
     assert "skipping" not in "".join(set(proc.stderr.splitlines()) - set(lines))
-    assert "resumed from checkpoint_000000003 (step 3)" in lines, proc.stderr[-6000:]
+    assert f"resumed from {checkpoint_name(EVERY)} (step {EVERY})" in lines, proc.stderr[-6000:]
     set_aside = sorted(p.name.split(".")[0] for p in run_dir.glob("checkpoint_*.invalid-*"))
-    assert set_aside == [checkpoint_name(6), checkpoint_name(9), checkpoint_name(12)]
+    assert set_aside == [second, before, last]
     assert_same_lora(tmp_path / "out" / "rs.safetensors", reference / "out" / "rs.safetensors")
 
 

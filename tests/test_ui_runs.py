@@ -95,8 +95,8 @@ def test_a_finished_run_through_the_api(finished):
 
 def test_a_run_started_from_the_dashboard_is_followed_stopped_resumed_and_finished(
         tmp_path, tiny_sd15_model, photo_shards):
-    runs, max_steps = tmp_path / "runs", 30
-    recipe = yaml.safe_dump(tiny_recipe(tiny_sd15_model, photo_shards, "live", max_steps, sample_every=5))
+    runs, max_steps = tmp_path / "runs", 60  # the stop comes long before the last step
+    recipe = yaml.safe_dump(tiny_recipe(tiny_sd15_model, photo_shards, "live", max_steps, sample_every=10))
     with serve(runs, cwd=tmp_path) as url:
         started = httpx.post(f"{url}/api/runs", json={"recipe": recipe})
         assert started.status_code == 200, started.text

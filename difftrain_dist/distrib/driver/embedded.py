@@ -144,11 +144,11 @@ class RankGroup:
 
     @staticmethod
     def _wait(refs: list[Any]) -> list[Any]:
-        """Every rank's result; raises RankFailed at the first failure. Wakes twice a second, for
+        """Every rank's result; raises RankFailed at the first failure. Wakes five times a second, for
         the signal handlers of the main thread."""
         pending, done = list(refs), {}
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.2)
             for ref in ready:
                 try:
                     done[ref] = ray.get(ref)
