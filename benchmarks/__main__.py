@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "step_overhead_sdxl": ["step_overhead", "--layout", "sdxl"],
     "communication": ["communication"],
     "scaling": ["scaling"],
+    "embedded_start": ["embedded_start"],
 }
 """Result name (build/bench/NAME.json) → benchmark module under benchmarks/ and its arguments."""
 
@@ -70,6 +71,8 @@ def summary_rows(results: dict[str, dict]) -> list[dict[str, str]]:
             f"{one['samples_per_s']:.1f} -> {two['samples_per_s']:.1f}, efficiency {r['efficiency']:.2f}")
         rss = ", ".join(f"{m:.0f}" for m in one["peak_rss_mib"] + two["peak_rss_mib"])
         row("peak RSS per worker (1 worker; 2 workers), MiB", rss)
+    if r := results.get("embedded_start"):
+        embedded_start_rows(r, row)
     if r := results.get("gpu_check"):
         for arch in ("sdxl", "flux"):
             if a := r.get(arch):
@@ -77,6 +80,25 @@ def summary_rows(results: dict[str, dict]) -> list[dict[str, str]]:
                     f"{a['ours']['samples_per_s']:.2f} vs {a['plain']['samples_per_s']:.2f}, "
                     f"ratio {a['speed_ratio']:.2f}")
     return rows
+
+
+EMBEDDED_FIGURES = {"time_to_step_1": "time until step 1 is done", "wall": "end-to-end wall",
+                    "steady_samples_per_s": "steady samples/s, steps 20-60", "peak_pss": "peak PSS of the process tree"}
+
+
+def embedded_start_rows(r: dict, row) -> None:
+    """benchmarks/embedded_start.py: each figure of ours (1 worker) / the plain script under
+    accelerate launch, judged; then the same against a bare `python -m`, and compilers seen."""
+    for against, judged in (("plain_accelerate", True), ("plain_python", False)):
+        table = r["ratios"][f"ours_1_worker_vs_{against}"]
+        launcher = "accelerate launch" if judged else "python -m"
+        for name, what in EMBEDDED_FIGURES.items():
+            f = table[name]
+            row(f"embedded start, {what}: ours (1 worker) / plain LoRA script ({launcher})",
+                f"{f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f}, {r['rounds']} rounds)",
+                r["targets"][name] if judged else "", r["met"][name] if judged else None)
+    row("embedded start, compilers run during the runs", ", ".join(r["compilers_seen"]) or "none", "none",
+        not r["compilers_seen"])
 
 
 def print_summary(rows: list[dict[str, str]]) -> None:

@@ -1,4 +1,4 @@
-"""Scaling and memory: the full `difftrain-dist train` command (embedded Ray cluster, Ray Train,
+"""Scaling and memory: the full `difftrain-dist train` command (embedded Ray cluster, rank actors,
 DeepSpeed ZeRO-2 over gloo, streaming reader) on the tiny SD1.5 model at 1 and 2 workers, one CPU
 each, measured in one run: samples/s in the steady state (median over steps after warm-up, from
 the run's own progress lines), scaling efficiency = samples/s(2) / (2 x samples/s(1)), and each

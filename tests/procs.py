@@ -71,13 +71,14 @@ def marked_env() -> tuple[dict[str, str], str]:
     return {**os.environ, RUN_MARK: mark, "PYTHONUNBUFFERED": "1"}, mark
 
 
-def marked_processes(mark: str) -> list[str]:
-    """`pid name cmdline` of every live process started with `marked_env`'s mark (zombies aside)."""
+def marked_processes(mark: str, width: int = 160) -> list[str]:
+    """`pid name cmdline` of every live process started with `marked_env`'s mark (zombies aside),
+    the command line cut at `width` characters."""
     found = []
     for proc in psutil.process_iter():
         try:
             if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(RUN_MARK) == mark:
-                found.append(f"{proc.pid} {proc.name()} {' '.join(proc.cmdline())[:160]}")
+                found.append(f"{proc.pid} {proc.name()} {' '.join(proc.cmdline())[:width]}")
         except psutil.Error:  # gone meanwhile, or not ours to read
             continue
     return found

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.__main__ import BENCHMARKS
 from benchmarks.communication import GPU_COUNTS, LINKS_GBPS, paper_calculation
+from benchmarks.embedded_start import FIGURES, ratios
 from benchmarks.step_overhead import paired_ratios
 
 
@@ -34,6 +35,13 @@ def test_paired_ratios_pair_rounds():
         paired_ratios([1.0], [1.0, 2.0])
 
 
+def test_embedded_start_pairs_rounds_and_skips_figures_a_round_lacks():
+    ours = [{"wall_s": 4.0, "peak_pss_mib": 900.0}, {"wall_s": 3.0}]
+    plain = [{"wall_s": 2.0, "peak_pss_mib": 600.0}, {"wall_s": 3.0}]
+    assert ratios(ours, plain) == {"wall": {"median": 1.5, "min": 1.0, "max": 2.0},
+                                   "peak_pss": {"median": 1.5, "min": 1.5, "max": 1.5}}
+
+
 def test_summary_rows_compare_each_figure_with_its_target():
     from benchmarks.__main__ import summary_rows
 
@@ -47,8 +55,20 @@ def test_summary_rows_compare_each_figure_with_its_target():
         "step_overhead_sdxl": {"zero_stage": 1, "steps": 40, "ours_median_step_s": 0.6, "bare_median_step_s": 0.59,
                                "speedup_vs_bare_eager": 0.98, "paired_ratio_quartiles": [1.0, 1.05]},
     }
+    spread = {"median": 1.4, "min": 1.2, "max": 1.7}
+    results["embedded_start"] = {
+        "rounds": 3, "ratios": {f"ours_1_worker_vs_{plain}": dict.fromkeys(FIGURES, spread)
+                                for plain in ("plain_accelerate", "plain_python")},
+        "targets": {"time_to_step_1": "<= 2.0", "wall": "<= 1.5", "steady_samples_per_s": ">= 1.5",
+                    "peak_pss": "<= 2.0"},
+        "met": {"time_to_step_1": True, "wall": True, "steady_samples_per_s": False, "peak_pss": True},
+        "compilers_seen": ["gcc"]}
     rows = summary_rows(results)
-    verdicts = {r["what"].split(",")[0]: r["verdict"] for r in rows}
+    verdicts = {r["what"].split(",")[0]: r["verdict"] for r in rows if not r["what"].startswith("embedded")}
     assert verdicts == {"data loader": "missed", "checkpoint save": "met", "consolidation": "",
                         "step time": "met", "SDXL-layout step time": "missed"}
+    embedded = [(r["what"].split(":")[0], r["measured"], r["verdict"])
+                for r in rows if r["what"].startswith("embedded")]
+    assert embedded[2] == ("embedded start, steady samples/s, steps 20-60", "1.40 (1.20-1.70, 3 rounds)", "missed")
+    assert [v for _, _, v in embedded] == ["met", "met", "missed", "met", "", "", "", "", "missed"]
     assert summary_rows({}) == []

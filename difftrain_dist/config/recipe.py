@@ -24,6 +24,7 @@ from pydantic import (
 from difftrain_dist.distrib.optimizers import (
     LR_SCHEDULERS,
     OPTIMIZER_NAMES,
+    OPTIMIZERS,
     check_optimizer,
     optimizer_kwargs,
     stages_for,
@@ -294,7 +295,11 @@ class Recipe(Section):
         reason = why_not_stage(train.optimizer, distributed.zero_stage)
         if reason:
             raise ValueError(f"train.optimizer: {reason}")
-        if checks_paths(info):  # the optimizer's package is where the run starts, not on a submit host
+        if not checks_paths(info):  # the optimizer's package is where the run starts, not on a submit host
+            return self
+        if train.betas is None and not train.optimizer_args:  # lr and weight_decay are checked above
+            OPTIMIZERS[train.optimizer].check_installed()
+        else:
             check_optimizer(train.optimizer, optimizer_kwargs(train.optimizer, train.lr, train.weight_decay,
                                                                train.betas, train.optimizer_args))
         return self

@@ -49,10 +49,16 @@ through torch.distributed as before."""
 
 
 def skip_unused_ops() -> None:
-    """Mark UNUSED_OPS incompatible in DeepSpeed's op table (before `deepspeed.init_distributed`)."""
+    """Mark UNUSED_OPS incompatible in DeepSpeed's op table (before `deepspeed.init_distributed`).
+
+    The table (`deepspeed.ops.__compatible_ops__`) is probed on first access, and probing runs
+    compilers (the async_io op's check compiles and links a test program with gcc); its only
+    reader, `build_shm_op` in deepspeed/comm/torch.py, takes a missing op as incompatible
+    (`.get(name, False)`). So an unprobed table is seeded with UNUSED_OPS alone, and a probed one
+    keeps its entries."""
     import deepspeed.ops
 
-    compatible = deepspeed.ops.__compatible_ops__  # probed once per process, then kept
+    compatible = vars(deepspeed.ops).setdefault("__compatible_ops__", {})
     for name in UNUSED_OPS:
         compatible[name] = False
 

@@ -26,6 +26,7 @@ in a single process (their state is replicated: for a LoRA it is a few hundred M
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,6 +47,18 @@ class OptimizerSpec:
     """The PyPI distribution to install when the import fails."""
     statistics: Statistics
     defaults: dict[str, Any] = field(default_factory=dict)
+
+    def check_installed(self) -> None:
+        """Find the class's top-level package without importing it (no torch on the driver for
+        a recipe that sets no optimizer argument).
+
+        Raises:
+            ValueError: the package is not installed (naming it and how to install it).
+        """
+        module = self.path.partition(":")[0].partition(".")[0]  # a submodule's spec imports its parents
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"needs the {self.package} package (no module named {module!r}); pip install "
+                             f"{self.package}, or install difftrain-dist[optimizers]")
 
     def load(self) -> type:
         """The optimizer class.

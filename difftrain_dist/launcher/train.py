@@ -70,7 +70,6 @@ def run(cfg: Recipe, progress: bool, verbose: bool = False) -> None:
     """Run a validated recipe and report the result; exit 75 when stopped by a signal, 130 when
     aborted by a second one. While it runs this process is the run's driver (`RUN/driver.json`,
     which also records how it ended)."""
-    from difftrain_dist.distrib.driver.datasets import build_datasets
     from difftrain_dist.distrib.driver.launch import run_training
     from difftrain_dist.distrib.driver.record import driving
 
@@ -78,7 +77,10 @@ def run(cfg: Recipe, progress: bool, verbose: bool = False) -> None:
                f"`difftrain-dist resume {cfg.run_dir}` to continue from the last checkpoint")
     with user_errors(), training_errors(), interruptions(aborted), driving(cfg.run_dir,
                                                                           cfg.distributed.address) as record:
-        build_datasets(cfg)
+        if cfg.data.datasets is not None:  # the shard writer's stack is imported only to build
+            from difftrain_dist.distrib.driver.datasets import build_datasets
+
+            build_datasets(cfg)
         console.print(
             f"run [bold]{cfg.run.name}[/bold]: {cfg.distributed.num_workers} worker(s), "
             f"ZeRO-{cfg.distributed.zero_stage}, {cfg.train.max_steps} steps, checkpoints in {cfg.run_dir}"
