@@ -79,8 +79,8 @@ class TreeSampler:
 
 
 def timed_run(cmd: list[str], cwd: Path, steps_of, memory: bool) -> dict:
-    """Run `cmd`; `steps_of()` then gives {step: Unix wall time}. Returns the run's figures
-    (`peak_pss_mib` only with `memory`)."""
+    """Run `cmd`; `steps_of()` then gives {step: Unix wall time}. Returns the run's figures: the
+    times, or with `memory` the peak PSS instead."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     start = time.time()
@@ -91,11 +91,13 @@ def timed_run(cmd: list[str], cwd: Path, steps_of, memory: bool) -> dict:
     sampler.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
+    seen = {"peak_processes": sampler.peak_processes, "compilers_seen": sorted(sampler.names & COMPILERS),
+            "output_lines": len((out + err).splitlines())}
+    if memory:  # its times are those of a run that shares the CPU with the sampler
+        return {"peak_pss_mib": sampler.peak_pss / 2**20, **seen}
     steps = steps_of()
     return {"time_to_step_1_s": steps[1] - start, "wall_s": wall,
-            "steady_samples_per_s": (STEPS - EVERY) * BATCH / (steps[STEPS] - steps[EVERY]),
-            **({"peak_pss_mib": sampler.peak_pss / 2**20} if memory else {}), "peak_processes": sampler.peak_processes,
-            "compilers_seen": sorted(sampler.names & COMPILERS), "output_lines": len((out + err).splitlines())}
+            "steady_samples_per_s": (STEPS - EVERY) * BATCH / (steps[STEPS] - steps[EVERY]), **seen}
 
 
 ACCELERATE_LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
