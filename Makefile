@@ -34,7 +34,7 @@ demo: install
 	@echo "samples:     $(DEMO)/samples/base.png (no LoRA), $(DEMO)/samples/lora.png (with LoRA)"
 
 test: install
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"
