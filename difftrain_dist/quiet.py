@@ -8,6 +8,9 @@ import os
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
+    # huggingface_hub's bars, and transformers' ("Loading weights", "Writing model shards"), which
+    # follow it; `quiet_diffusers_progress` makes diffusers' loading bar follow it too.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -28,6 +31,35 @@ QUIET_LOGGERS = {
     # installed, so the line would open every process's log.
     "bitsandbytes.backends.cpu.ops": logging.ERROR,
 }
+
+
+def quiet_diffusers_progress() -> None:
+    """Turn off diffusers' loading bars ("Loading pipeline components...") when huggingface_hub's
+    are off (HF_HUB_DISABLE_PROGRESS_BARS, on by QUIET_ENV); call after importing diffusers."""
+    from diffusers.utils import logging as diffusers_logging
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("1", "true", "yes", "on"):
+        diffusers_logging.disable_progress_bar()
+
+
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+"""DeepSpeed's warning when it picks its accelerator by itself and finds none. accelerate imports
+DeepSpeed whenever both are installed, so every command that loads a diffusers model printed it;
+the workers set DS_ACCELERATOR and never see it."""
+
+
+def _not_the_cpu_notice(record: logging.LogRecord) -> bool:
+    return record.getMessage() != DEEPSPEED_CPU_NOTICE
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Drop DEEPSPEED_CPU_NOTICE from DeepSpeed's logger (named "DeepSpeed"; DeepSpeed keeps the
+    logger object, and with it this filter, when it is imported later). For the CLI's own
+    process: its commands other than `worker` do not use DeepSpeed's accelerator, and `worker`
+    gets DS_ACCELERATOR from its launcher or fails clearly at the process group."""
+    logger = logging.getLogger("DeepSpeed")
+    if _not_the_cpu_notice not in logger.filters:
+        logger.addFilter(_not_the_cpu_notice)
 
 
 def quiet_loggers() -> None:

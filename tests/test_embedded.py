@@ -1,7 +1,7 @@
-"""The embedded default as a first user meets it: `make demo`'s training command on its recipe
-prints the CLI's own lines only (Ray's and DeepSpeed's output stays in Ray's log files; `--verbose`
-shows it), and the local cluster it starts serves no dashboard: no web UI, no dashboard module
-processes."""
+"""The embedded default as a first user meets it: `make demo`'s commands print the CLI's own
+lines only (Ray's, DeepSpeed's and the libraries' output stays in Ray's log files; `--verbose`
+shows it), and the local cluster its training command starts serves no dashboard: no web UI, no
+dashboard module processes."""
 
 from __future__ import annotations
 
@@ -65,6 +65,17 @@ def test_the_demo_prints_our_lines_only_and_starts_no_dashboard(tmp_path, tiny_s
     heads = [p for p in processes if "dashboard/dashboard.py" in p]  # Ray's head API server
     assert all("--disable-frontend" in p and "--modules-to-load=UsageStatsHead" in p for p in heads), heads
     assert_no_processes_left(mark)
+
+
+@pytest.mark.slow
+def test_the_demos_other_commands_print_their_own_line_only(tmp_path, tiny_sd15_model):
+    """`models init-tiny` and `sample` load diffusers models (accelerate then imports DeepSpeed,
+    which announced its CPU fallback) and showed the libraries' loading bars."""
+    for args, said in [(("models", "init-tiny", "sd15", "tiny"), "tiny sd15 pipeline saved to tiny"),
+                       (("sample", str(tiny_sd15_model), "a photo", "-o", "s.png", "--steps", "2"), "wrote s.png")]:
+        proc = subprocess.run(cli(*args), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert (proc.stdout + proc.stderr).split() == said.split(), proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from difftrain_dist.launcher import (
     worker,
 )
 from difftrain_dist.launcher.common import user_errors
-from difftrain_dist.quiet import apply_quiet_env
+from difftrain_dist.quiet import apply_quiet_env, quiet_deepspeed_cpu_notice
 
 app = typer.Typer(
     name="difftrain-dist",
@@ -49,6 +49,7 @@ def main() -> None:
     """Console-script entry point. Secrets in ./.env are loaded into the environment first (as
     ai-toolkit does; variables already set win), so local runs and their workers see them."""
     apply_quiet_env()
+    quiet_deepspeed_cpu_notice()
     with user_errors():
         load_env_file(DEFAULT_ENV_FILE)
     app()

@@ -29,6 +29,9 @@ from difftrain_dist.models.objectives import (
     FlowMatchingObjective,
     TimestepOptions,
 )
+from difftrain_dist.quiet import quiet_diffusers_progress
+
+quiet_diffusers_progress()
 
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 """CLIP attention projections: the text-encoder LoRA targets of diffusers' LoRA scripts."""

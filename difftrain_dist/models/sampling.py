@@ -9,6 +9,10 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from difftrain_dist.quiet import quiet_diffusers_progress
+
+quiet_diffusers_progress()
+
 
 @torch.no_grad()
 def render(

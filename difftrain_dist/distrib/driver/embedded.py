@@ -65,14 +65,26 @@ class RankActor:
     def __init__(self, env: dict[str, str]) -> None:
         os.environ.update(env)  # before torch and DeepSpeed are imported in this process
         self.mailbox = Mailbox()
+        self.reserved: socket.socket | None = None
 
-    def train(self, recipe: dict[str, Any]) -> dict[str, Any] | None:
+    def reserve_port(self) -> int:
+        """Rank 0: bind a free port and hold it, so that the kernel hands it to no other process
+        (Ray's own workers bind random ports) until `train` lets the rendezvous store take it."""
+        self.reserved = socket.socket()
+        self.reserved.bind(("", 0))
+        return self.reserved.getsockname()[1]
+
+    def train(self, recipe: dict[str, Any], master_port: int) -> dict[str, Any] | None:
         """Rank 0: the run's TrainingResult as a dict; other ranks: None."""
         import torch  # the worker's stack is imported here, never on the driver
 
         from difftrain_dist.distrib.driver.local_launch import train_rank
 
+        os.environ["MASTER_PORT"] = str(master_port)
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        if self.reserved is not None:  # train_rank binds it at once: its first step is the process group
+            self.reserved.close()
+            self.reserved = None
         with logs_to_board(self.mailbox.note, int(os.environ["RANK"])):
             done, _ = train_rank(Recipe.model_validate(recipe), ActorSession(self.mailbox), build_data=False)
         return None if done is None else asdict(done)
@@ -84,19 +96,13 @@ class RankActor:
         self.mailbox.request_stop()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (rank 0's rendezvous store)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env(recipe: Recipe, rank: int, port: int) -> dict[str, str]:
-    """A rank's environment: `worker_env_vars`, the rendezvous of torchrun's names, its threads."""
+def rank_env(recipe: Recipe, rank: int) -> dict[str, str]:
+    """A rank's environment: `worker_env_vars`, torchrun's names (MASTER_PORT comes with `train`),
+    its threads."""
     cfg = recipe.distributed
     return {**worker_env_vars(recipe), "RANK": str(rank), "WORLD_SIZE": str(cfg.num_workers),
             "LOCAL_RANK": "0" if cfg.use_gpu else str(rank),  # Ray shows each actor its own GPU only
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "MASTER_ADDR": "127.0.0.1",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, int(cfg.cpus_per_worker))))}
 
 
@@ -133,14 +139,14 @@ class RankGroup:
 
     def _start(self) -> list[Any]:
         cfg = self.recipe.distributed
-        port = free_port()
         options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.use_gpu else 0}
-        self.actors = [RankActor.options(**options).remote(rank_env(self.recipe, rank, port))
+        self.actors = [RankActor.options(**options).remote(rank_env(self.recipe, rank))
                        for rank in range(cfg.num_workers)]
         if self.stopping:
             self.request_stop()
+        port = self._wait([self.actors[0].reserve_port.remote()])[0]
         payload = self.recipe.model_dump(mode="json")
-        return [actor.train.remote(payload) for actor in self.actors]
+        return [actor.train.remote(payload, port) for actor in self.actors]
 
     @staticmethod
     def _wait(refs: list[Any]) -> list[Any]:
