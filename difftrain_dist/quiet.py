@@ -14,15 +14,30 @@ QUIET_ENV = {
 }
 
 
+LIBRARY_DEFAULTS = {"TRANSFORMERS_VERBOSITY": "warning", "DIFFUSERS_VERBOSITY": "warning",
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "0"}
+"""What the libraries do when QUIET_ENV's variables are unset (for `--verbose` workers)."""
+_applied: set[str] = set()
+"""The QUIET_ENV names `apply_quiet_env` set in this process (not the user's)."""
+
+
 def quiet_env() -> dict[str, str]:
     """QUIET_ENV with any value the user already set in the environment."""
     return {name: os.environ.get(name, value) for name, value in QUIET_ENV.items()}
 
 
+def library_env() -> dict[str, str]:
+    """The libraries' own defaults for QUIET_ENV's variables, but the values the user set."""
+    return {name: os.environ[name] if name in os.environ and name not in _applied else value
+            for name, value in LIBRARY_DEFAULTS.items()}
+
+
 def apply_quiet_env() -> None:
     """Set QUIET_ENV in this process where the user has not (call before importing transformers)."""
     for name, value in QUIET_ENV.items():
-        os.environ.setdefault(name, value)
+        if name not in os.environ:
+            os.environ[name] = value
+            _applied.add(name)
 
 
 QUIET_LOGGERS = {

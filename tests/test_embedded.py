@@ -113,3 +113,15 @@ def test_deepspeed_neither_builds_nor_probes_ops_at_run_time():
     """The CPU backend's start builds no shm op, and nothing probes the op table (a probe runs gcc)."""
     proc = subprocess.run([sys.executable, "-c", SHM_OP_CHECK], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_verbose_workers_get_the_libraries_defaults_but_what_the_user_set(monkeypatch):
+    from difftrain_dist import quiet
+
+    monkeypatch.setattr(quiet, "_applied", set())
+    for name in quiet.QUIET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")  # the user's
+    quiet.apply_quiet_env()
+    assert quiet.quiet_env() == {**quiet.QUIET_ENV, "DIFFUSERS_VERBOSITY": "info"}
+    assert quiet.library_env() == {**quiet.LIBRARY_DEFAULTS, "DIFFUSERS_VERBOSITY": "info"}

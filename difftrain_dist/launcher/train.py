@@ -19,7 +19,8 @@ AddressOption = Annotated[
 ]
 ProgressOption = Annotated[bool, typer.Option(help="Show live step / loss / samples/s / ETA.")]
 VerboseOption = Annotated[bool, typer.Option(
-    "--verbose", help="Show Ray's and the workers' own log output here too (always in Ray's log files).")]
+    "--verbose", help="Show Ray's and the workers' own output here too (it always goes to Ray's log files), "
+                      "with the libraries' own verbosity and progress bars (embedded runs).")]
 
 
 def train(

@@ -96,11 +96,11 @@ class RankActor:
         self.mailbox.request_stop()
 
 
-def rank_env(recipe: Recipe, rank: int) -> dict[str, str]:
+def rank_env(recipe: Recipe, rank: int, *, verbose: bool) -> dict[str, str]:
     """A rank's environment: `worker_env_vars`, torchrun's names (MASTER_PORT comes with `train`),
     its threads."""
     cfg = recipe.distributed
-    return {**worker_env_vars(recipe), "RANK": str(rank), "WORLD_SIZE": str(cfg.num_workers),
+    return {**worker_env_vars(recipe, verbose=verbose), "RANK": str(rank), "WORLD_SIZE": str(cfg.num_workers),
             "LOCAL_RANK": "0" if cfg.use_gpu else str(rank),  # Ray shows each actor its own GPU only
             "MASTER_ADDR": "127.0.0.1",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, int(cfg.cpus_per_worker))))}
@@ -110,8 +110,8 @@ class RankGroup:
     """The ranks of a run, started together and ended together, restarted after a failure.
     `drain` and `request_stop` may be called from other threads while `run` waits."""
 
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
+    def __init__(self, recipe: Recipe, *, verbose: bool = False) -> None:
+        self.recipe, self.verbose = recipe, verbose
         self.actors: list[Any] = []
         self.stopping = False
         self.leftovers: list[dict[str, Any]] = []
@@ -140,7 +140,7 @@ class RankGroup:
     def _start(self) -> list[Any]:
         cfg = self.recipe.distributed
         options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.use_gpu else 0}
-        self.actors = [RankActor.options(**options).remote(rank_env(self.recipe, rank))
+        self.actors = [RankActor.options(**options).remote(rank_env(self.recipe, rank, verbose=self.verbose))
                        for rank in range(cfg.num_workers)]
         if self.stopping:
             self.request_stop()
@@ -194,7 +194,7 @@ def run_embedded(recipe: Recipe, *, show_progress: bool, verbose: bool) -> tuple
     try:
         init_ray(None, cfg.num_workers * cfg.cpus_per_worker, whole_machine=False, verbose=verbose)
         save_run_recipe(recipe)
-        group = RankGroup(recipe)
+        group = RankGroup(recipe, verbose=verbose)
         with stop_on_signals(group.request_stop) as signals, ProgressDisplay(
                 group.drain, recipe.train.max_steps, enabled=show_progress):
             result = group.run()

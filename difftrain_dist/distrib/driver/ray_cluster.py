@@ -13,7 +13,7 @@ import ray
 
 from difftrain_dist.config import Recipe
 from difftrain_dist.distrib.metrics import WANDB_ENV
-from difftrain_dist.quiet import quiet_env
+from difftrain_dist.quiet import library_env, quiet_env
 
 QUIET_RAY_LOGGERS = {
     # "Token authentication is enabled for this Ray cluster…": the embedded cluster keeps Ray's
@@ -55,10 +55,11 @@ def init_ray(address: str | None, num_cpus_needed: float, *, whole_machine: bool
                  _temp_dir=tempfile.gettempdir() + "/ray", **common)
 
 
-def worker_env_vars(recipe: Recipe) -> dict[str, str]:
-    """Environment of the training workers: quiet library chatter unless the user set it, and the
-    driver's W&B settings when the recipe logs there."""
-    env = quiet_env()
+def worker_env_vars(recipe: Recipe, *, verbose: bool = False) -> dict[str, str]:
+    """Environment of the training workers: quiet library chatter unless the user set it (or, with
+    `verbose`, the libraries' own defaults), and the driver's W&B settings when the recipe logs
+    there."""
+    env = library_env() if verbose else quiet_env()
     if recipe.logging.wandb:
         env.update({name: os.environ[name] for name in WANDB_ENV if name in os.environ})
     if not recipe.distributed.use_gpu:
