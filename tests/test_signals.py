@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import yaml
 
 from difftrain_dist.distrib.checkpoint import list_checkpoints
 from difftrain_dist.distrib.driver.ray_cluster import init_ray
+from difftrain_dist.distrib.driver.record import read_driver_record
 from difftrain_dist.distrib.session import LocalSession
 
 from .procs import (
@@ -123,7 +125,9 @@ def test_failed_run_exits_1_with_one_line_and_leaves_no_ray_processes(tmp_path, 
         proc.wait(timeout=300)
     out = err.text()
     assert proc.returncode == 1, out[-6000:]
-    assert "error: training failed:" in out
+    assert re.search(r"^error: training failed: rank \d+: .+", out, re.MULTILINE), out[-6000:]  # names the rank
+    assert "Ray's worker logs: " in out and "Unhandled error" not in out, out[-6000:]
+    assert read_driver_record(tmp_path / "sg").reason.startswith("rank ")
     assert_no_processes_left(mark)
 
 

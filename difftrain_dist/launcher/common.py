@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 """Messages are not wrapped at the terminal width: logs and the dashboard read whole lines."""
@@ -24,7 +25,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -39,7 +40,7 @@ def training_errors() -> Iterator[None]:
             raise
         from difftrain_dist.distrib.driver.record import failure_line
 
-        console.print(f"[red]error:[/red] training failed: {failure_line(err)}")
+        console.print(f"[red]error:[/red] training failed: {escape(failure_line(err))}")
         raise typer.Exit(1) from None
 
 

@@ -131,7 +131,8 @@ class RankGroup:
                 if attempt == self.recipe.distributed.max_failures:
                     say(str(failed.error).strip())  # the rank's traceback: its stderr stays in Ray's logs
                     say(f"Ray's worker logs: {ray_log_dir()}")
-                    raise WorkerGroupError(f"rank {failed.rank}: {line}") from failed.error
+                    # not chained: the CLI's and the run record's line is this one, naming the rank
+                    raise WorkerGroupError(f"rank {failed.rank}: {line}") from None
                 say(f"rank {failed.rank} failed: {line}; restarting the worker group")
                 continue
             return None if results[0] is None else TrainingResult(**results[0])
@@ -191,6 +192,8 @@ def run_embedded(recipe: Recipe, *, show_progress: bool, verbose: bool) -> tuple
     from difftrain_dist.distrib.driver.launch import save_run_recipe
 
     cfg = recipe.distributed
+    if not verbose:  # a failed rank's traceback is ours to print once, not Ray's for each survivor
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     try:
         init_ray(None, cfg.num_workers * cfg.cpus_per_worker, whole_machine=False, verbose=verbose)
         save_run_recipe(recipe)
