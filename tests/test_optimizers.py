@@ -201,3 +201,13 @@ def test_resuming_keeps_the_optimizer_state_it_can_continue(tmp_path, tiny_sd15_
     prodigy = recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": "prodigy", "lr": 1.0},
                      distributed={"num_workers": 2})
     check_compatible(saved("prodigy", 0, 4, lr=1.0), prodigy)  # ZeRO-0 needs no re-sharding
+
+
+def test_a_missing_optimizer_package_is_named_when_the_recipe_loads(tmp_path, tiny_sd15_model, photo_shards,
+                                                                    monkeypatch):
+    from difftrain_dist.distrib.optimizers import OptimizerSpec
+
+    monkeypatch.setitem(OPTIMIZERS, "lion", OptimizerSpec("no_such_lion_module:Lion", "lion-pytorch", "element"))
+    with pytest.raises(RecipeError, match=r"train.optimizer: lion needs the lion-pytorch package .*"
+                                          r"pip install lion-pytorch, or install difftrain-dist\[optimizers\]"):
+        recipe(tiny_sd15_model, photo_shards, tmp_path, train={"optimizer": "lion"})

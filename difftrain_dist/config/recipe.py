@@ -298,7 +298,10 @@ class Recipe(Section):
         if not checks_paths(info):  # the optimizer's package is where the run starts, not on a submit host
             return self
         if train.betas is None and not train.optimizer_args:  # lr and weight_decay are checked above
-            OPTIMIZERS[train.optimizer].check_installed()
+            try:
+                OPTIMIZERS[train.optimizer].check_installed()
+            except ValueError as err:
+                raise ValueError(f"train.optimizer: {train.optimizer} {err}") from None
         else:
             check_optimizer(train.optimizer, optimizer_kwargs(train.optimizer, train.lr, train.weight_decay,
                                                                train.betas, train.optimizer_args))
