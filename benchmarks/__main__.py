@@ -93,9 +93,9 @@ def embedded_start_rows(r: dict, row) -> None:
         table = r["ratios"][f"ours_1_worker_vs_{against}"]
         launcher = "accelerate launch" if judged else "python -m"
         for name, what in EMBEDDED_FIGURES.items():
-            f = table[name]
+            f, rounds = table[name], r["memory_rounds"] if name == "peak_pss" else r["rounds"]
             row(f"embedded start, {what}: ours (1 worker) / plain LoRA script ({launcher})",
-                f"{f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f}, {r['rounds']} rounds)",
+                f"{f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f}, {rounds} round{'s' * (rounds != 1)})",
                 r["targets"][name] if judged else "", r["met"][name] if judged else None)
     row("embedded start, compilers run during the runs", ", ".join(r["compilers_seen"]) or "none", "none",
         not r["compilers_seen"])

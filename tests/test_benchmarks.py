@@ -57,7 +57,7 @@ def test_summary_rows_compare_each_figure_with_its_target():
     }
     spread = {"median": 1.4, "min": 1.2, "max": 1.7}
     results["embedded_start"] = {
-        "rounds": 3, "ratios": {f"ours_1_worker_vs_{plain}": dict.fromkeys(FIGURES, spread)
+        "rounds": 3, "memory_rounds": 1, "ratios": {f"ours_1_worker_vs_{plain}": dict.fromkeys(FIGURES, spread)
                                 for plain in ("plain_accelerate", "plain_python")},
         "targets": {"time_to_step_1": "<= 2.0", "wall": "<= 1.5", "steady_samples_per_s": ">= 1.5",
                     "peak_pss": "<= 2.0"},
@@ -71,4 +71,5 @@ def test_summary_rows_compare_each_figure_with_its_target():
                 for r in rows if r["what"].startswith("embedded")]
     assert embedded[2] == ("embedded start, steady samples/s, steps 20-60", "1.40 (1.20-1.70, 3 rounds)", "missed")
     assert [v for _, _, v in embedded] == ["met", "met", "missed", "met", "", "", "", "", "missed"]
+    assert embedded[3][1] == "1.40 (1.20-1.70, 1 round)"  # memory comes from its own rounds
     assert summary_rows({}) == []
