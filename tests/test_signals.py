@@ -85,6 +85,23 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_exits_75(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_ctrl_c_while_the_cluster_starts_stops_after_the_first_step(tmp_path, tiny_sd15_model, photo_shards):
+    """A stop before the ranks exist reaches them when they start: one step, a checkpoint, 75."""
+    with running_train(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards)) as (proc, err, mark):
+        err.wait_for("run sg: ", proc)
+        time.sleep(0.5)  # Ray is starting (it takes seconds); no rank has started
+        assert not (tmp_path / "sg" / "recipe.yaml").exists(), "the ranks were already on their way"
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=300)
+    out = err.text()
+    assert proc.returncode == 75, out[-6000:]
+    assert out.count("received SIGINT") == 1 and "interrupted" not in out, out[-6000:]
+    assert [c.step for c in list_checkpoints(tmp_path / "sg") if c.valid] == [1]
+    assert read_driver_record(tmp_path / "sg").outcome == "stopped"
+    assert_no_processes_left(mark)
+
+
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once_with_a_message(tmp_path, tiny_sd15_model, photo_shards):
     with running_train(tmp_path, _recipe(tmp_path, tiny_sd15_model, photo_shards)) as (proc, err, mark):
         wait_for_checkpoint(tmp_path / "sg", EVERY, proc)

@@ -13,6 +13,7 @@ Slurm, KubeRay) keep Ray Train (`ray_job.py`).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from dataclasses import asdict
 from typing import Any
@@ -181,6 +182,8 @@ class RankGroup:
 
     def request_stop(self) -> None:
         self.stopping = True
+        if not ray.is_initialized():  # before the cluster started, or after it ended
+            return
         for actor in list(self.actors):
             actor.request_stop.remote()
 
@@ -194,13 +197,15 @@ def run_embedded(recipe: Recipe, *, show_progress: bool, verbose: bool) -> tuple
     cfg = recipe.distributed
     if not verbose:  # a failed rank's traceback is ours to print once, not Ray's for each survivor
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    try:
-        init_ray(None, cfg.num_workers * cfg.cpus_per_worker, whole_machine=False, verbose=verbose)
-        save_run_recipe(recipe)
-        group = RankGroup(recipe, verbose=verbose)
-        with stop_on_signals(group.request_stop) as signals, ProgressDisplay(
-                group.drain, recipe.train.max_steps, enabled=show_progress):
-            result = group.run()
-    finally:  # also when ray.init itself was interrupted half way
-        ray.shutdown()
+    group = RankGroup(recipe, verbose=verbose)
+    with stop_on_signals(group.request_stop) as signals:  # a stop before the ranks start reaches them
+        try:
+            init_ray(None, cfg.num_workers * cfg.cpus_per_worker, whole_machine=False, verbose=verbose)
+            # ray.init puts its own SIGTERM handler (sys.exit) in place: ours again, as SIGINT's
+            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+            save_run_recipe(recipe)
+            with ProgressDisplay(group.drain, recipe.train.max_steps, enabled=show_progress):
+                result = group.run()
+        finally:  # also when ray.init itself was interrupted half way
+            ray.shutdown()
     return result, bool(signals)
