@@ -57,8 +57,7 @@ class OptimizerSpec:
         """
         module = self.path.partition(":")[0].partition(".")[0]  # a submodule's spec imports its parents
         if importlib.util.find_spec(module) is None:
-            raise ValueError(f"needs the {self.package} package (no module named {module!r}); pip install "
-                             f"{self.package}, or install difftrain-dist[optimizers]")
+            raise ValueError(self.missing(f"no module named {module!r}"))
 
     def load(self) -> type:
         """The optimizer class.
@@ -70,8 +69,12 @@ class OptimizerSpec:
         try:
             return getattr(importlib.import_module(module), name)
         except ImportError as err:
-            raise ValueError(f"needs the {self.package} package ({err}); pip install {self.package}, "
-                             "or install difftrain-dist[optimizers]") from None
+            raise ValueError(self.missing(str(err))) from None
+
+    def missing(self, why: str) -> str:
+        """What to say when the package is not there (`why`: what the import found)."""
+        return (f"needs the {self.package} package ({why}); pip install {self.package}, "
+                "or install difftrain-dist[optimizers]")
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
